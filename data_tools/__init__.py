@@ -1,0 +1,1 @@
+"""Offline data conversion (jsonl -> Megatron mmap / WebDataset) and the shared loader."""

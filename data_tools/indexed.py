@@ -1,0 +1,215 @@
+"""Megatron-LM compatible indexed dataset (``MMIDIDX``): ``prefix.bin`` raw tokens + ``prefix.idx`` index.
+
+Byte layout of ``.idx`` (little endian), identical to ``megatron/core/datasets/indexed_dataset.py``::
+
+    magic     9 bytes   b"MMIDIDX\\x00\\x00"
+    version   uint64    1
+    dtype     uint8     code from DTYPE_CODES
+    S         uint64    number of sequences
+    D         uint64    number of entries in the document index (documents + 1; it starts at 0)
+    sizes     int32[S]  tokens per sequence
+    pointers  int64[S]  byte offset of each sequence in .bin
+    doc_idx   int64[D]  sequence index where each document starts, then the total S
+
+so an index is exactly ``34 + 12*S + 8*D`` bytes. Random access is O(1) through ``numpy.memmap``.
+Written by hand because Megatron-core is a heavy dependency (apex, transformer-engine) for ~150 lines of format.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # 34
+
+# Megatron's DType enum: the code stored in the header.
+DTYPE_CODES: dict[int, type] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+
+
+class IndexedDatasetError(ValueError):
+    """A .bin/.idx pair is missing, truncated or not in MMIDIDX format."""
+
+
+def token_dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), int32 otherwise (e.g. Qwen's 151k vocabulary)."""
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+
+
+def index_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{prefix}.idx")
+
+
+def data_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{prefix}.bin")
+
+
+def exists(prefix: str | os.PathLike) -> bool:
+    return index_path(prefix).is_file() and data_path(prefix).is_file()
+
+
+class IndexedDataset:
+    """Read-only view of ``prefix.bin/.idx``; ``ds[i]`` is sequence ``i`` as a numpy array (a memmap slice)."""
+
+    def __init__(self, prefix: str | os.PathLike):
+        self.prefix = str(prefix)
+        idx_file, bin_file = index_path(prefix), data_path(prefix)
+        for f in (idx_file, bin_file):
+            if not f.is_file():
+                raise IndexedDatasetError(f"{f}: not found; convert your jsonl first (python -m data_tools.convert)")
+        idx_bytes = idx_file.stat().st_size
+        with open(idx_file, "rb") as fh:
+            header = fh.read(HEADER_BYTES)
+        if len(header) < HEADER_BYTES or header[: len(MAGIC)] != MAGIC:
+            raise IndexedDatasetError(f"{idx_file}: not a Megatron MMIDIDX index (bad magic or truncated header)")
+        (version,) = struct.unpack("<Q", header[9:17])
+        if version != VERSION:
+            raise IndexedDatasetError(f"{idx_file}: index version {version}, only version {VERSION} is supported")
+        code = header[17]
+        if code not in DTYPE_CODES:
+            raise IndexedDatasetError(f"{idx_file}: unknown dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        n_seq, n_doc = struct.unpack("<QQ", header[18:34])
+        expected = HEADER_BYTES + 12 * n_seq + 8 * n_doc
+        if idx_bytes != expected:
+            raise IndexedDatasetError(
+                f"{idx_file}: {idx_bytes} bytes, expected {expected} for {n_seq} sequences / {n_doc} doc entries "
+                "(truncated or corrupt; re-run the conversion)"
+            )
+        self._idx = np.memmap(idx_file, mode="r", dtype=np.uint8)
+        off = HEADER_BYTES
+        self.sizes = np.frombuffer(self._idx, dtype=np.int32, count=n_seq, offset=off)
+        off += 4 * n_seq
+        self.pointers = np.frombuffer(self._idx, dtype=np.int64, count=n_seq, offset=off)
+        off += 8 * n_seq
+        self.doc_idx = np.frombuffer(self._idx, dtype=np.int64, count=n_doc, offset=off)
+
+        bin_bytes = bin_file.stat().st_size
+        needed = int(self.pointers[-1] + self.sizes[-1] * self.dtype.itemsize) if n_seq else 0
+        if bin_bytes != needed:
+            raise IndexedDatasetError(
+                f"{bin_file}: {bin_bytes} bytes but the index describes {needed} "
+                "(the .bin was truncated or belongs to another index; re-run the conversion)"
+            )
+        # np.memmap of a zero-byte file raises, so an empty dataset gets an empty array.
+        self._bin = np.memmap(bin_file, mode="r", dtype=self.dtype) if bin_bytes else np.empty(0, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} out of range for {self.prefix} ({len(self)} sequences)")
+        start = int(self.pointers[i]) // self.dtype.itemsize
+        return self._bin[start : start + int(self.sizes[i])]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sizes.sum(dtype=np.int64))
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_idx) - 1
+
+
+class IndexedDatasetBuilder:
+    """Streams sequences into ``prefix.bin`` and writes ``prefix.idx`` on :meth:`finalize`.
+
+    Each :meth:`add_item` is one sequence; :meth:`end_document` closes a document (Megatron's semantics).
+    Write under a temporary prefix and :func:`rename` at the end so a failure never leaves final names behind.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type):
+        self.prefix = str(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self._bin = open(data_path(prefix), "wb")  # noqa: SIM115 - closed in finalize()/abort()
+        self._sizes: list[int] = []
+        self._doc_idx: list[int] = [0]
+
+    def add_item(self, tokens) -> None:
+        arr = np.asarray(tokens)
+        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(self.dtype).max):
+            raise ValueError(f"token id out of range for {self.dtype} (min {arr.min()}, max {arr.max()})")
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._sizes.append(int(arr.size))
+
+    def end_document(self) -> None:
+        self._doc_idx.append(len(self._sizes))
+
+    def add_document(self, tokens) -> None:
+        self.add_item(tokens)
+        self.end_document()
+
+    def add_index(self, other_prefix: str | os.PathLike) -> None:
+        """Append a whole existing dataset (same dtype), like Megatron's ``add_index`` used to merge shards."""
+        other = IndexedDataset(other_prefix)
+        if other.dtype != self.dtype:
+            raise ValueError(f"{other_prefix}: dtype {other.dtype} differs from {self.dtype}")
+        offset = len(self._sizes)
+        self._sizes.extend(int(s) for s in other.sizes)
+        self._doc_idx.extend(int(d) + offset for d in other.doc_idx[1:])
+        with open(data_path(other_prefix), "rb") as src:
+            shutil.copyfileobj(src, self._bin, length=16 << 20)
+
+    def finalize(self) -> None:
+        self._bin.close()
+        sizes = np.asarray(self._sizes, dtype=np.int32)
+        pointers = np.zeros(len(sizes), dtype=np.int64)
+        if len(sizes) > 1:
+            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        doc_idx = np.asarray(self._doc_idx, dtype=np.int64)
+        with open(index_path(self.prefix), "wb") as fh:
+            fh.write(MAGIC)
+            fh.write(struct.pack("<Q", VERSION))
+            fh.write(struct.pack("<B", CODE_OF_DTYPE[self.dtype]))
+            fh.write(struct.pack("<QQ", len(sizes), len(doc_idx)))
+            fh.write(sizes.tobytes(order="C"))
+            fh.write(pointers.tobytes(order="C"))
+            fh.write(doc_idx.tobytes(order="C"))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def abort(self) -> None:
+        """Close and delete what was written (used on a failed conversion)."""
+        self._bin.close()
+        remove(self.prefix)
+
+
+def rename(src_prefix: str | os.PathLike, dst_prefix: str | os.PathLike) -> None:
+    """Move a finished pair into place: .bin first, .idx last, so a reader never sees a new .idx with an old .bin."""
+    os.replace(data_path(src_prefix), data_path(dst_prefix))
+    os.replace(index_path(src_prefix), index_path(dst_prefix))
+
+
+def remove(prefix: str | os.PathLike) -> None:
+    for f in (data_path(prefix), index_path(prefix)):
+        f.unlink(missing_ok=True)
+
+
+def merge(prefixes: list[str | os.PathLike], out_prefix: str | os.PathLike) -> IndexedDataset:
+    """Concatenate several datasets (same dtype) into ``out_prefix``."""
+    if not prefixes:
+        raise ValueError("merge needs at least one input prefix")
+    builder = IndexedDatasetBuilder(out_prefix, IndexedDataset(prefixes[0]).dtype)
+    for p in prefixes:
+        builder.add_index(p)
+    builder.finalize()
+    return IndexedDataset(out_prefix)

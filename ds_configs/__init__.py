@@ -1,0 +1,1 @@
+"""DeepSpeed config generation: memory model, ZeRO stage/offload/batch selection, presets."""

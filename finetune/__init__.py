@@ -1,0 +1,1 @@
+"""dsft training engine, methods and recipes."""

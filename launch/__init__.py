@@ -1,0 +1,1 @@
+"""Thin wrappers over the deepspeed launcher and the demo."""
