@@ -18,6 +18,6 @@ def test_tokenizer_chat_template_marks_assistant(tiny_tokenizer):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     out = tiny_tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = out["input_ids"], out["assistant_masks"]
-    assistant = tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assistant = tiny_tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert assistant == "hello<|im_end|>"
     assert tiny_tokenizer.eos_token == "<|im_end|>" and tiny_tokenizer.pad_token == "<pad>"
