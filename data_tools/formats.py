@@ -1,0 +1,475 @@
+"""Record formats of the converter and how each becomes token ids (+ a loss mask for SFT formats).
+
+Formats (one JSON object per record):
+
+``text``      ``{"text": "..."}`` (key set by ``--text-key``): one document for continued pre-training.
+``alpaca``    ``{"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}``.
+              The user turn is ``instruction`` followed by ``"\\n"`` and ``input`` when ``input`` is not empty
+              (LLaMA-Factory's convention).
+``sharegpt``  ``{"conversations": [{"from": ..., "value": ...}, ...], "system"?}``. Roles: ``human``/``user`` ->
+              user, ``gpt``/``assistant`` -> assistant, ``system`` -> system, ``function_call`` -> assistant (the
+              model emits the call, so it is trained on), ``observation`` -> tool (a tool result, never trained on).
+``messages``  ``{"messages": [{"role": ..., "content": ...}, ...]}`` (OpenAI style; roles system/user/assistant/tool).
+
+SFT formats are rendered through the tokenizer's chat template, or :data:`DEFAULT_CHAT_TEMPLATE` (ChatML) when the
+tokenizer has none. The loss mask is 1 exactly on the tokens the template emits for assistant turns (their end-of-turn
+token included) and 0 on system/user/tool tokens; every assistant turn of a multi-turn conversation counts. Two ways:
+
+* ``generation``: the template marks assistant text with ``{% generation %}`` tags, so
+  ``apply_chat_template(..., return_assistant_tokens_mask=True)`` gives the mask directly (the tiny test tokenizer and
+  the default template do).
+* ``prefix``: for templates without tags. For each assistant turn ``i``, the text rendered for ``messages[:i]`` with
+  the generation prompt and the text rendered for ``messages[:i+1]`` bound the assistant's characters (trailing
+  whitespace the template adds after the end-of-turn token is left out); tokens overlapping those characters get 1.
+  This needs a template whose rendering of a conversation prefix is a prefix of the full rendering; templates that
+  rewrite earlier turns (e.g. strip reasoning from past turns) are rejected with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, NamedTuple
+
+import numpy as np
+
+FORMATS = ("text", "alpaca", "sharegpt", "messages")
+SFT_FORMATS = ("alpaca", "sharegpt", "messages")
+MASK_METHODS = ("auto", "generation", "prefix")
+
+# Used when the tokenizer has no chat template. ChatML (Qwen, many others); the same text as finetune.tiny's template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+# Document separators preferred over eos for --append-eod: for chat tokenizers eos is often the end-of-turn token.
+EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>")
+
+
+class Rejected(NamedTuple):
+    """A record that cannot be converted. ``reason`` is a short category counted in the meta; ``message`` says what."""
+
+    reason: str
+    message: str
+
+
+class Encoded(NamedTuple):
+    """Token ids of one record, its loss mask (uint8, same length; None for ``text``) and whether it was truncated."""
+
+    ids: np.ndarray
+    mask: np.ndarray | None
+    truncated: bool
+
+
+class FormatError(ValueError):
+    """The format cannot be determined or the tokenizer cannot render it (a problem of the whole run, not a line)."""
+
+
+def detect_format(record: Any, text_key: str = "text") -> str:
+    """Guess the format from one record's keys.
+
+    Args:
+        record: the first parsed record of the input.
+        text_key: key holding the text for the ``text`` format.
+
+    Returns:
+        One of :data:`FORMATS`.
+
+    Raises:
+        FormatError: the record is not an object or has none of the known keys.
+    """
+    if not isinstance(record, dict):
+        raise FormatError(f"cannot detect the format from a {type(record).__name__} record; expected a JSON object")
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "messages"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if text_key in record:
+        return "text"
+    raise FormatError(
+        f"cannot detect the format from keys {sorted(record)}: expected 'conversations' (sharegpt), 'messages', "
+        f"'instruction'+'output' (alpaca) or {text_key!r} (text); pass --format (and --text-key for text)"
+    )
+
+
+def _require(record: dict, key: str, types: type | tuple, what: str) -> Any:
+    if key not in record:
+        raise _Bad("missing_key", f'missing key "{key}"')
+    value = record[key]
+    if not isinstance(value, types):
+        raise _Bad("wrong_type", f'key "{key}" must be {what}, got {type(value).__name__}')
+    return value
+
+
+class _Bad(Exception):
+    """Internal: raised while reading one record, turned into :class:`Rejected`."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def record_to_text(record: Any, text_key: str = "text") -> str:
+    """The document text of a ``text`` record; raises ``_Bad`` (caught by the encoder) when it is unusable."""
+    if not isinstance(record, dict):
+        raise _Bad("wrong_type", f"record must be a JSON object, got {type(record).__name__}")
+    text = _require(record, text_key, str, "a string")
+    if not text.strip():
+        raise _Bad("empty", f'empty text in key "{text_key}"')
+    return text
+
+
+def _alpaca_messages(record: dict) -> list[dict[str, str]]:
+    instruction = _require(record, "instruction", str, "a string")
+    output = _require(record, "output", str, "a string")
+    extra = record.get("input", "")
+    if extra is None:
+        extra = ""
+    if not isinstance(extra, str):
+        raise _Bad("wrong_type", f'key "input" must be a string, got {type(extra).__name__}')
+    user = f"{instruction}\n{extra}" if extra.strip() else instruction
+    if not user.strip():
+        raise _Bad("empty", 'empty "instruction" and "input"')
+    if not output.strip():
+        raise _Bad("empty", 'empty "output" (nothing to learn)')
+    messages = []
+    system = record.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise _Bad("wrong_type", f'key "system" must be a string, got {type(system).__name__}')
+        if system.strip():
+            messages.append({"role": "system", "content": system})
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise _Bad(
+            "wrong_type", f'key "history" must be a list of [user, assistant] pairs, got {type(history).__name__}'
+        )
+    for n, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise _Bad("wrong_type", f"history[{n}] must be a [user, assistant] pair of strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return messages
+
+
+def _sharegpt_messages(record: dict) -> list[dict[str, str]]:
+    turns = _require(record, "conversations", list, "a list of {from, value} objects")
+    messages = []
+    system = record.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise _Bad("wrong_type", f'key "system" must be a string, got {type(system).__name__}')
+        if system.strip():
+            messages.append({"role": "system", "content": system})
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _Bad("wrong_type", f"conversations[{n}] must be an object, got {type(turn).__name__}")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise _Bad("missing_key", f'missing key "{key}" in conversations[{n}]')
+        role, value = turn["from"], turn["value"]
+        if not isinstance(value, str):
+            raise _Bad("wrong_type", f"conversations[{n}].value must be a string, got {type(value).__name__}")
+        if role not in SHAREGPT_ROLES:
+            raise _Bad("wrong_type", f"conversations[{n}].from is {role!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[role], "content": value})
+    return messages
+
+
+def _openai_messages(record: dict) -> list[dict[str, str]]:
+    turns = _require(record, "messages", list, "a list of {role, content} objects")
+    messages = []
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _Bad("wrong_type", f"messages[{n}] must be an object, got {type(turn).__name__}")
+        for key in ("role", "content"):
+            if key not in turn:
+                raise _Bad("missing_key", f'missing key "{key}" in messages[{n}]')
+        role, content = turn["role"], turn["content"]
+        if role not in MESSAGE_ROLES:
+            raise _Bad("wrong_type", f"messages[{n}].role is {role!r}; expected one of {list(MESSAGE_ROLES)}")
+        if not isinstance(content, str):
+            raise _Bad("wrong_type", f"messages[{n}].content must be a string, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+_TO_MESSAGES = {"alpaca": _alpaca_messages, "sharegpt": _sharegpt_messages, "messages": _openai_messages}
+
+
+def record_to_messages(record: Any, fmt: str) -> list[dict[str, str]]:
+    """Normalise an SFT record to ``[{"role", "content"}, ...]`` (roles system/user/assistant/tool).
+
+    Raises ``_Bad`` (turned into :class:`Rejected` by :class:`SampleEncoder`) for missing keys, wrong types, and
+    conversations with no non-empty assistant turn (nothing to learn).
+    """
+    if not isinstance(record, dict):
+        raise _Bad("wrong_type", f"record must be a JSON object, got {type(record).__name__}")
+    messages = _TO_MESSAGES[fmt](record)
+    if not messages:
+        raise _Bad("empty", "empty conversation")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise _Bad("empty", "no non-empty assistant turn (nothing to learn)")
+    return messages
+
+
+def has_generation_tags(template: str) -> bool:
+    """True when a chat template marks assistant text with ``{% generation %}``."""
+    return bool(_GENERATION_TAG.search(template))
+
+
+def chat_template_of(tokenizer) -> tuple[str, bool]:
+    """The tokenizer's chat template (a single string), and False; or :data:`DEFAULT_CHAT_TEMPLATE` and True."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates; "default" is what apply_chat_template uses
+        template = template.get("default")
+    if not template:
+        return DEFAULT_CHAT_TEMPLATE, True
+    return template, False
+
+
+def eod_token_id(tokenizer) -> int:
+    """Token appended by ``--append-eod``: a document separator (``<|endoftext|>``) if the vocab has one, else eos."""
+    vocab = tokenizer.get_vocab()
+    for token in EOD_TOKENS:
+        if token in vocab:
+            return int(vocab[token])
+    if tokenizer.eos_token_id is None:
+        raise FormatError("--append-eod: the tokenizer has neither <|endoftext|> nor an eos token")
+    return int(tokenizer.eos_token_id)
+
+
+class SampleEncoder:
+    """Turns parsed records of one format into :class:`Encoded` (or :class:`Rejected`), a batch at a time.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (fast ones use the Rust batch encoder directly).
+        fmt: one of :data:`FORMATS`.
+        dtype: numpy dtype of the token ids handed back.
+        text_key: key of the text for ``text``.
+        append_eod: append :func:`eod_token_id` to each ``text`` document.
+        max_length: longest sample in tokens, or None.
+        over_length: ``error`` (reject, reason ``over_length``), ``truncate`` (keep the first ``max_length``
+            tokens) or ``drop`` (reject, the converter drops it without failing).
+        mask_method: ``auto`` (``generation`` if the template has generation tags, else ``prefix``), ``generation``
+            or ``prefix``.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        fmt: str,
+        dtype: np.dtype | type = np.int32,
+        text_key: str = "text",
+        append_eod: bool = False,
+        max_length: int | None = None,
+        over_length: str = "error",
+        mask_method: str = "auto",
+    ):
+        if fmt not in FORMATS:
+            raise FormatError(f"format {fmt!r}: expected one of {FORMATS}")
+        if mask_method not in MASK_METHODS:
+            raise FormatError(f"mask_method {mask_method!r}: expected one of {MASK_METHODS}")
+        if over_length not in ("error", "truncate", "drop"):
+            raise FormatError(f"over_length {over_length!r}: expected error, truncate or drop")
+        if max_length is not None and max_length < 1:
+            raise FormatError(f"max_length must be >= 1, got {max_length}")
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.dtype = np.dtype(dtype)
+        self.text_key = text_key
+        self.eod = eod_token_id(tokenizer) if append_eod and fmt == "text" else None
+        self.max_length = max_length
+        self.over_length = over_length
+        self.template, self.default_template = chat_template_of(tokenizer)
+        if mask_method == "auto":
+            mask_method = "generation" if has_generation_tags(self.template) else "prefix"
+        if mask_method == "generation" and not has_generation_tags(self.template):
+            raise FormatError("mask_method 'generation' needs a chat template with {% generation %} tags")
+        self.mask_method = mask_method if fmt in SFT_FORMATS else None
+
+    # -- text -------------------------------------------------------------------------------------------------------
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        if getattr(self.tokenizer, "is_fast", False):
+            # The Rust batch encoder without offsets: what tokenizer(text) computes, minus Python overhead per call.
+            return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=True)]
+        return self.tokenizer(texts)["input_ids"]
+
+    # -- SFT --------------------------------------------------------------------------------------------------------
+    def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, chat_template=self.template, add_generation_prompt=add_generation_prompt
+        )
+
+    def _generation_masks(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+        out = self.tokenizer.apply_chat_template(
+            conversations,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            chat_template=self.template,
+        )
+        return list(zip(out["input_ids"], out["assistant_masks"], strict=True))
+
+    def _assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        full = self._render(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], add_generation_prompt=True)
+            through = self._render(messages[: i + 1])
+            if not (through.startswith(before) and full.startswith(through)):
+                raise _Bad(
+                    "template",
+                    f"the chat template does not render messages[:{i + 1}] as a prefix of the conversation, so the "
+                    "assistant tokens cannot be located; use a template with {% generation %} tags",
+                )
+            end = len(through)
+            # The newline ChatML puts after <|im_end|> belongs to the layout, not to what the model must emit.
+            while end > len(before) and through[end - 1].isspace():
+                end -= 1
+            spans.append((len(before), end))
+        return full, spans
+
+    def _prefix_masks(self, conversations: list[list[dict]]) -> list[tuple[list[int], np.ndarray] | _Bad]:
+        rendered: list[tuple[str, list] | _Bad] = []
+        for messages in conversations:
+            try:
+                rendered.append(self._assistant_spans(messages))
+            except _Bad as bad:
+                rendered.append(bad)
+        texts = [r[0] for r in rendered if not isinstance(r, _Bad)]
+        # Same call apply_chat_template(tokenize=True) makes: the template already holds the special tokens.
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+        out: list = []
+        k = 0
+        for r in rendered:
+            if isinstance(r, _Bad):
+                out.append(r)
+                continue
+            ids, offsets = enc["input_ids"][k], np.asarray(enc["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)
+            k += 1
+            mask = np.zeros(len(ids), dtype=np.uint8)
+            for start, end in r[1]:
+                mask[(offsets[:, 0] < end) & (offsets[:, 1] > start)] = 1
+            out.append((ids, mask))
+        return out
+
+    def _encode_conversations(self, conversations: list[list[dict]]) -> list:
+        if self.mask_method == "prefix":
+            return self._prefix_masks(conversations)
+        try:
+            return self._generation_masks(conversations)
+        except Exception:  # noqa: BLE001 - a template error in one sample must not hide which sample it was
+            results = []
+            for messages in conversations:
+                try:
+                    results.append(self._generation_masks([messages])[0])
+                except Exception as exc:  # noqa: BLE001 - reported per sample as a Rejected with the cause
+                    results.append(_Bad("template", f"the chat template failed: {type(exc).__name__}: {exc}"))
+            return results
+
+    # -- common -----------------------------------------------------------------------------------------------------
+    def _finish(self, ids, mask) -> Encoded | Rejected:
+        ids = np.asarray(ids, dtype=self.dtype)
+        if mask is not None:
+            mask = np.asarray(mask, dtype=np.uint8)
+        if len(ids) == 0:
+            return Rejected("empty", "the sample encodes to no tokens")
+        truncated = False
+        if self.max_length is not None and len(ids) > self.max_length:
+            if self.over_length != "truncate":
+                return Rejected(
+                    "over_length",
+                    f"sample has {len(ids)} tokens, longer than --max-length {self.max_length}; "
+                    "raise --max-length or pass --over-length truncate/drop",
+                )
+            ids, truncated = ids[: self.max_length], True
+            if mask is not None:
+                mask = mask[: self.max_length]
+                if not mask.any():
+                    return Rejected(
+                        "over_length",
+                        f"truncation to --max-length {self.max_length} removes every assistant token",
+                    )
+        return Encoded(ids, mask, truncated)
+
+    def encode_batch(self, records: list[Any]) -> list[Encoded | Rejected]:
+        """Encode parsed records, keeping their order; bad records come back as :class:`Rejected`."""
+        results: list[Encoded | Rejected | None] = [None] * len(records)
+        todo, payloads = [], []
+        for n, record in enumerate(records):
+            try:
+                if self.fmt == "text":
+                    payloads.append(record_to_text(record, self.text_key))
+                else:
+                    payloads.append(record_to_messages(record, self.fmt))
+                todo.append(n)
+            except _Bad as bad:
+                results[n] = Rejected(bad.reason, bad.message)
+        if not todo:
+            return results  # type: ignore[return-value]
+        if self.fmt == "text":
+            for n, ids in zip(todo, self._encode_texts(payloads), strict=True):
+                if self.eod is not None:
+                    ids = [*ids, self.eod]
+                results[n] = self._finish(ids, None)
+        else:
+            for n, item in zip(todo, self._encode_conversations(payloads), strict=True):
+                if isinstance(item, _Bad):
+                    results[n] = Rejected(item.reason, item.message)
+                else:
+                    results[n] = self._finish(*item)
+        return results  # type: ignore[return-value]
+
+
+def parse_json_line(raw: bytes) -> Any:
+    """Decode one jsonl line (UTF-8, BOM and CR already handled by the reader); raises ``_Bad`` when unusable."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Bad("bad_encoding", f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _Bad("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})") from exc
+
+
+def encode_raw_batch(encoder: SampleEncoder, payloads: list) -> list[Encoded | Rejected]:
+    """Parse (``bytes`` jsonl lines; already-parsed objects pass through) and encode a batch, order kept."""
+    records, where, results = [], [], [None] * len(payloads)
+    for n, payload in enumerate(payloads):
+        if isinstance(payload, bytes):
+            try:
+                payload = parse_json_line(payload)
+            except _Bad as bad:
+                results[n] = Rejected(bad.reason, bad.message)
+                continue
+        records.append(payload)
+        where.append(n)
+    for n, result in zip(where, encoder.encode_batch(records), strict=True):
+        results[n] = result
+    return results  # type: ignore[return-value]
