@@ -1,0 +1,229 @@
+"""The one shared loader: every recipe reads its data through ``build_dataloader``.
+
+Sources: a Megatron ``.bin/.idx`` prefix (optional ``{prefix}_loss_mask``) read through ``DistributedSampler``, or a
+WebDataset ``index.json`` streamed shard by shard. Modes: ``packed`` (several samples per row, no attention across
+samples), ``padding`` (pad to the longest sample of the batch) and ``bucket`` (length-grouped batches, then padding).
+
+Plain text (a prefix without a loss mask) in packed mode is cut Megatron-style into contiguous chunks of ``seq_len``
+tokens across documents, *with* Megatron's ``reset_position_ids`` / ``reset_attention_mask`` behaviour: position ids
+restart and attention is blocked at every document start. Why this and not packing whole documents: pre-training
+documents are often longer than a row, and packing would have to truncate (lose) or split them anyway; contiguous
+chunks fill 100% of every row, need no packer, and each chunk is one O(1) memmap slice. The resets keep the one rule
+that packing guarantees: no token attends to, or is trained to predict, another document.
+
+Everything random derives from ``(seed, epoch, rank, worker)``, so ``state_dict()`` (epoch, batches consumed, seed)
+is the whole state: a resumed run rebuilds the epoch and continues at the next batch. This module never calls
+``torch.distributed``: the caller passes ``rank`` and ``world_size``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from data_tools.loading import mmap_source, webdataset_source
+from data_tools.loading.packing import ATTENTION_MODES, PACKING_MODES, PackingStats
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Validated arguments of ``build_dataloader`` (see there)."""
+
+    seq_len: int
+    micro_batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    packing: str = "packed"
+    attention: str = "mask"
+    num_workers: int = 0
+    shuffle: bool = True
+    drop_last: bool = True
+    pad_id: int = 0
+    pack_window: int = 64
+    shuffle_buffer: int = 1000
+
+    def __post_init__(self):
+        if self.packing not in PACKING_MODES:
+            raise ValueError(f"loader: packing={self.packing!r}, expected one of {PACKING_MODES}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"loader: attention={self.attention!r}, expected one of {ATTENTION_MODES}")
+        if self.seq_len < 2 or self.micro_batch_size < 1:
+            raise ValueError(f"loader: seq_len={self.seq_len} must be >= 2, micro_batch_size >= 1")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"loader: rank={self.rank} is not in [0, world_size={self.world_size})")
+        if self.num_workers < 0:
+            raise ValueError(f"loader: num_workers={self.num_workers} must be >= 0")
+
+
+class DistributedLoader:
+    """Batches for one rank, resumable. Iterate once per epoch; the epoch advances by itself at its end.
+
+    Attributes:
+        epoch: the epoch being (or about to be) iterated.
+        batches_consumed: batches of this epoch already handed out (counted when yielded).
+        stats: ``PackingStats`` of the current epoch for this rank (mmap path: exact from the plan; WebDataset:
+            counted as batches are made, in the main process only when ``num_workers == 0``).
+    """
+
+    def __init__(self, source, cfg: LoaderConfig):
+        self.source, self.cfg = source, cfg
+        self.epoch, self.batches_consumed = 0, 0
+        self._plan_epoch, self._plan, self.stats = None, None, PackingStats()
+        if isinstance(source, webdataset_source.WebDatasetSource):
+            slots = cfg.world_size * max(1, cfg.num_workers)
+            self._slots = webdataset_source.assign_slots(source.samples, slots)
+            self._num_batches = webdataset_source.epoch_batches(source, self._slots, cfg)
+
+    @property
+    def is_webdataset(self) -> bool:
+        return isinstance(self.source, webdataset_source.WebDatasetSource)
+
+    def _ensure_plan(self) -> None:
+        if not self.is_webdataset and self._plan_epoch != self.epoch:
+            self._plan, self.stats = mmap_source.make_plan(self.source, epoch=self.epoch, cfg=self.cfg)
+            self._plan_epoch = self.epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank; the same number on every rank."""
+        if self.is_webdataset:
+            return self._num_batches
+        self._ensure_plan()
+        return len(self._plan)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to ``epoch`` (from its first batch). Setting the current epoch keeps the position, so calling
+        ``set_epoch(state['epoch'])`` after ``load_state_dict`` does not lose the resumed offset."""
+        if epoch != self.epoch:
+            self.epoch, self.batches_consumed = int(epoch), 0
+
+    def __iter__(self) -> Iterator[dict]:
+        n, start = len(self), self.batches_consumed
+        if self.is_webdataset:
+            stream = webdataset_source.WebDatasetStream(self.source, self._slots, self.cfg, self.epoch)
+            # Streams are deterministic, so resuming = regenerating and skipping the consumed batches.
+            batches = itertools.islice(self._iterate(stream, batch_size=None), start, n)
+        else:
+            ds = mmap_source.PlanBatches(self.source, self._plan, self.cfg)
+            if self.cfg.num_workers == 0:
+                batches = (ds[j] for j in range(start, n))
+            else:
+                batches = self._iterate(ds, sampler=range(start, n), batch_size=None)
+        for batch in batches:
+            self.batches_consumed += 1
+            yield batch
+        if self.batches_consumed >= n:
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
+
+    def _iterate(self, dataset, **kw):
+        if self.cfg.num_workers == 0 and not kw.get("sampler"):
+            return iter(dataset)
+        return iter(DataLoader(dataset, num_workers=self.cfg.num_workers, **kw))
+
+    def state_dict(self) -> dict:
+        """Position and everything that fixed the random order; all of it is plain ints and strings."""
+        c = self.cfg
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batches_consumed": self.batches_consumed,
+            "seed": c.seed,
+            "world_size": c.world_size,
+            "micro_batch_size": c.micro_batch_size,
+            "seq_len": c.seq_len,
+            "packing": c.packing,
+            "shuffle": c.shuffle,
+            "num_workers": c.num_workers if self.is_webdataset else None,
+            "num_batches": len(self),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state``'s position. Raises if the settings that decide the order differ from this loader's."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("seed", "world_size", "micro_batch_size", "seq_len", "packing", "shuffle", "num_workers"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"loader state: {key}={state[key]!r} in the checkpoint but {mine[key]!r} now; the resumed run "
+                    f"would see other batches. Restore {key}={state[key]!r} or start a fresh run"
+                )
+        self.epoch = int(state["epoch"])
+        if len(self) != state["num_batches"]:
+            raise ValueError(
+                f"loader state: {state['num_batches']} batches per epoch in the checkpoint but {len(self)} now; "
+                "the data changed since the checkpoint"
+            )
+        self.batches_consumed = int(state["batches_consumed"])
+
+
+def build_dataloader(
+    source: str | Path,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    packing: str = "packed",
+    attention: str = "mask",
+    num_workers: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    pad_id: int = 0,
+    pack_window: int = 64,
+    shuffle_buffer: int = 1000,
+) -> DistributedLoader:
+    """Build the loader of one rank.
+
+    Args:
+        source: an mmap prefix (``P`` for ``P.bin/.idx``, optional ``P_loss_mask.bin/.idx``) or the path of a
+            WebDataset ``index.json`` (format ``dsft-webdataset/1``).
+        seq_len: row length in tokens; longer samples are truncated (counted in ``loader.stats``).
+        micro_batch_size: rows per batch.
+        rank: this process's rank; world_size: number of ranks (the loader never asks torch.distributed).
+        seed: seeds every shuffle; the same on all ranks.
+        packing: ``"packed"`` (first-fit packing, no sample split), ``"padding"`` or ``"bucket"``.
+        attention: packed mode only. ``"mask"``: a (B, 1, T, T) bool block-diagonal causal ``attention_mask``
+            (SDPA/eager, CPU). ``"position_ids"``: no mask; sample starts are where ``position_ids`` is 0
+            (FlexAttention / varlen / flash-attn, see ``finetune.attention.resolve_attention``).
+        num_workers: DataLoader worker processes building batches (0 = in this process).
+        shuffle: shuffle samples (mmap: DistributedSampler; WebDataset: shard order + a sample buffer).
+        drop_last: mmap path. True: every rank drops the remainder (no sample is repeated, a few per epoch are
+            skipped). False: ranks pad by repeating their first samples/rows (every sample is seen at least once).
+        pad_id: token id of padding (labels there are -100 whatever it is).
+        pack_window: rows the first-fit packer keeps open.
+        shuffle_buffer: WebDataset sample shuffle buffer per worker.
+
+    Returns:
+        A ``DistributedLoader``: iterable of batch dicts (``input_ids``, ``labels``, ``position_ids``,
+        ``attention_mask`` except packed+position_ids, ``num_real_tokens``), with ``len``, ``set_epoch``,
+        ``state_dict`` / ``load_state_dict``.
+    """
+    cfg = LoaderConfig(
+        seq_len=seq_len,
+        micro_batch_size=micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        packing=packing,
+        attention=attention,
+        num_workers=num_workers,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        pad_id=pad_id,
+        pack_window=pack_window,
+        shuffle_buffer=shuffle_buffer,
+    )
+    path = Path(source)
+    if path.suffix == ".json":
+        src = webdataset_source.WebDatasetSource(path)
+    else:
+        src = mmap_source.MmapSource(path)
+    return DistributedLoader(src, cfg)

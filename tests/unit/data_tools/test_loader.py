@@ -1,0 +1,274 @@
+"""The shared loader: rank splitting, packing, labels/positions, resume, on the mmap and WebDataset paths."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from data_tools.indexed import IndexedDatasetBuilder
+from data_tools.loader import build_dataloader
+from data_tools.loading.packing import FirstFitPacker, block_causal_mask, collate_packed, pack_lengths
+
+ID_OFFSET = 10  # sample i starts with token i + 10, so ids survive packing and pad_id 0 is never a sample start
+
+
+def _lengths(n, seed=0, median=40, max_len=120):
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(np.log(median), 0.6, n).astype(int), 2, max_len)
+
+
+def _samples(n, seed=0, **kw):
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for i, n_tok in enumerate(_lengths(n, seed, **kw)):
+        ids = rng.integers(ID_OFFSET, 500, n_tok).astype(np.int32)
+        ids[0] = i + ID_OFFSET
+        mask = (rng.random(n_tok) < 0.6).astype(np.uint8)
+        out.append((ids, mask))
+    return out
+
+
+def write_mmap(prefix, samples, loss_mask=True):
+    b = IndexedDatasetBuilder(prefix, np.uint16)
+    m = IndexedDatasetBuilder(f"{prefix}_loss_mask", np.uint8) if loss_mask else None
+    for ids, mask in samples:
+        b.add_document(ids)
+        if m is not None:
+            m.add_document(mask)
+    b.finalize()
+    if m is not None:
+        m.finalize()
+    return str(prefix)
+
+
+def write_wds(root, samples, shard_sizes):
+    """Shards of the given (uneven) sizes plus the dsft index.json; returns the index path."""
+    assert sum(shard_sizes) == len(samples)
+    root.mkdir(parents=True, exist_ok=True)
+    entries, k = [], 0
+    for s, size in enumerate(shard_sizes):
+        name = f"shard-{s:06d}.tar"
+        with wds.TarWriter(str(root / name)) as w:
+            for ids, mask in samples[k : k + size]:
+                w.write({"__key__": f"{k:08d}", "input_ids.npy": _npy(ids), "loss_mask.npy": _npy(mask)})
+                k += 1
+        entries.append({"path": name, "samples": size})
+    index = {"format": "dsft-webdataset/1", "shards": entries, "total_samples": k, "has_loss_mask": True, "meta": {}}
+    (root / "index.json").write_text(json.dumps(index))
+    return str(root / "index.json")
+
+
+def _npy(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def sample_ids(batch):
+    """Ids of the samples in a batch: the first token of every run that starts at position 0 (pad runs skipped)."""
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    starts = ids[pos == 0]
+    return [int(t) - ID_OFFSET for t in starts if t >= ID_OFFSET]
+
+
+def seen(loader):
+    out = []
+    for batch in loader:
+        out.extend(sample_ids(batch))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    samples = _samples(600)
+    return write_mmap(tmp_path_factory.mktemp("sft") / "train", samples), samples
+
+
+# ---------------------------------------------------------------- packing and collation
+
+
+def test_first_fit_packs_every_sample_once_without_split():
+    lengths = _lengths(2000, seed=3, median=256, max_len=1024)
+    rows = pack_lengths(lengths, 1024, window=64)
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 1024 for row in rows)
+    efficiency = lengths.sum() / (len(rows) * 1024)
+    assert efficiency > 0.95, efficiency
+    with pytest.raises(ValueError, match="exceeds the row capacity"):
+        FirstFitPacker(8).add("x", 9)
+
+
+def test_collate_packed_labels_positions_and_mask():
+    a = (np.array([11, 12, 13]), np.array([0, 1, 1], np.uint8))
+    b = (np.array([21, 22]), None)  # no loss mask: every token is a target except the packed sample's first
+    batch = collate_packed([[a, b]], seq_len=7, pad_id=0, attention="mask")
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 12, 13, -100, 22, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    assert batch["num_real_tokens"] == 5
+    m = batch["attention_mask"][0, 0]
+    assert m.shape == (7, 7) and m.dtype == torch.bool
+    assert m[4].tolist() == [False, False, False, True, True, False, False]  # sample b never sees sample a
+    assert m[2].tolist() == [True, True, True, False, False, False, False]
+    assert bool(m.any(-1).all())  # no fully masked query row (SDPA would return NaN)
+    no_mask = collate_packed([[a, b]], seq_len=7, pad_id=0, attention="position_ids")
+    assert "attention_mask" not in no_mask
+    assert torch.equal(torch.from_numpy(block_causal_mask(no_mask["position_ids"].numpy())), batch["attention_mask"])
+
+
+# ---------------------------------------------------------------- mmap path, two simulated ranks
+
+
+@pytest.mark.parametrize("packing", ["packed", "padding", "bucket"])
+def test_mmap_two_ranks_disjoint_complete_equal_counts(sft, packing):
+    prefix, samples = sft
+    per_rank, counts = [], []
+    for rank in range(2):
+        loader = build_dataloader(
+            prefix, seq_len=128, micro_batch_size=4, rank=rank, world_size=2, seed=5, packing=packing, drop_last=False
+        )
+        ids = seen(loader)
+        counts.append((len(loader), sum(1 for _ in loader)))
+        per_rank.append(ids)
+    assert counts[0][0] == counts[1][0] and counts[0][1] == counts[1][1] == counts[0][0]
+    a, b = set(per_rank[0]), set(per_rank[1])
+    assert not a & b, "ranks share samples"
+    assert a | b == set(range(len(samples))), "some samples were never seen"
+
+
+def test_mmap_drop_last_equal_counts_and_batches_change_with_epoch(sft):
+    prefix, _ = sft
+    loaders = [build_dataloader(prefix, seq_len=128, micro_batch_size=3, rank=r, world_size=2) for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) > 0
+    e0 = [seen(lo) for lo in loaders]
+    assert all(lo.epoch == 1 for lo in loaders)  # the epoch advances by itself at its end
+    e1 = seen(loaders[0])
+    assert not set(e0[0]) & set(e0[1])
+    assert e1 != e0[0]
+    assert len(e0[0]) == len(set(e0[0]))
+
+
+def test_mmap_labels_follow_loss_mask_and_truncation_is_counted(sft):
+    prefix, samples = sft
+    loader = build_dataloader(prefix, seq_len=64, micro_batch_size=2, packing="padding", shuffle=False)
+    batch = next(iter(loader))
+    for r in range(2):
+        ids, mask = samples[r]
+        n = min(len(ids), 64)
+        expect = np.where(mask[:n] == 1, ids[:n], -100)
+        expect[0] = -100
+        assert batch["labels"][r, :n].tolist() == expect.tolist()
+        assert batch["attention_mask"][r].sum() == n
+    over = sum(len(s[0]) > 64 for s in samples)
+    assert loader.stats.truncated_samples == over > 0
+
+
+def test_text_chunks_cover_the_stream_with_resets_at_documents(tmp_path):
+    samples = _samples(300, seed=7)
+    prefix = write_mmap(tmp_path / "text", samples, loss_mask=False)
+    stream = np.concatenate([s[0] for s in samples])
+    starts = set(np.cumsum([0] + [len(s[0]) for s in samples[:-1]]).tolist())
+    t, got = 64, {}
+    for rank in range(2):
+        loader = build_dataloader(prefix, seq_len=t, micro_batch_size=2, rank=rank, world_size=2, attention="mask")
+        for batch in loader:
+            assert batch["num_real_tokens"] == batch["input_ids"].numel()  # chunks are 100% real tokens
+            for row_ids, row_pos, row_lab in zip(
+                batch["input_ids"], batch["position_ids"], batch["labels"], strict=True
+            ):
+                k = int(
+                    np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(stream, t) == row_ids.numpy(), 1))[0]
+                )
+                assert k % t == 0 and k not in got
+                got[k] = rank
+                resets = {k + j for j in np.flatnonzero(row_pos.numpy() == 0)}
+                assert resets == ({s for s in starts if k <= s < k + t} | {k})
+                assert (row_lab[row_pos == 0] == -100).all() and (row_lab[row_pos > 0] == row_ids[row_pos > 0]).all()
+    assert len(got) == 2 * (len(stream) // t // 2 // 2 * 2)
+
+
+# ---------------------------------------------------------------- WebDataset path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    samples = _samples(400, seed=11)
+    return write_wds(tmp_path_factory.mktemp("wds"), samples, [150, 20, 90, 35, 70, 35]), samples
+
+
+@pytest.mark.parametrize("packing,num_workers", [("padding", 0), ("padding", 2), ("packed", 0), ("bucket", 0)])
+def test_webdataset_uneven_shards_equal_counts_disjoint(shards, packing, num_workers):
+    index, samples = shards
+    per_rank, counts = [], []
+    for rank in range(2):
+        loader = build_dataloader(
+            index, seq_len=128, micro_batch_size=4, rank=rank, world_size=2, packing=packing, num_workers=num_workers
+        )
+        batches = list(loader)
+        counts.append((len(loader), len(batches)))
+        per_rank.append([i for bt in batches for i in sample_ids(bt)])
+    assert counts[0] == counts[1] and counts[0][0] == counts[0][1] > 0
+    a, b = set(per_rank[0]), set(per_rank[1])
+    assert not a & b, "ranks read the same shard"
+    if packing == "padding":  # exact epoch length: every sample is seen in the epoch
+        assert a | b == set(range(len(samples)))
+    else:
+        assert len(a | b) > 0.9 * len(samples)
+
+
+def test_webdataset_needs_a_shard_per_reader(shards):
+    index, _ = shards
+    with pytest.raises(ValueError, match="6 shards for 8 readers"):
+        build_dataloader(index, seq_len=64, micro_batch_size=2, world_size=4, num_workers=2)
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _same(b1, b2):
+    assert b1.keys() == b2.keys()
+    for k in b1:
+        assert (b1[k] == b2[k]) if isinstance(b1[k], int) else torch.equal(b1[k], b2[k]), k
+
+
+@pytest.mark.parametrize("which", ["mmap", "wds"])
+def test_resume_sees_exactly_the_next_batches(sft, shards, which):
+    source = sft[0] if which == "mmap" else shards[0]
+    kw = dict(seq_len=128, micro_batch_size=2, rank=1, world_size=2, seed=3, attention="position_ids")
+    ref = build_dataloader(source, **kw)
+    n = len(ref)
+    expected = list(ref) + list(ref)[:3]  # rest of epoch 0, then the start of epoch 1
+    k = n - 2  # stop two batches before the epoch ends so the resumed run crosses the boundary
+    run = build_dataloader(source, **kw)
+    it = iter(run)
+    for _ in range(k):
+        next(it)
+    state = run.state_dict()
+    assert state["epoch"] == 0 and state["batches_consumed"] == k
+    resumed = build_dataloader(source, **kw)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(state["epoch"])  # what a training loop does every epoch: must not rewind
+    got = list(resumed) + list(resumed)[:3]
+    assert len(got) == 2 + 3
+    for b1, b2 in zip(got, expected[k:], strict=True):
+        _same(b1, b2)
+
+
+def test_resume_rejects_other_settings(sft):
+    prefix, _ = sft
+    state = build_dataloader(prefix, seq_len=128, micro_batch_size=2).state_dict()
+    with pytest.raises(ValueError, match="micro_batch_size=2 in the checkpoint"):
+        build_dataloader(prefix, seq_len=128, micro_batch_size=4).load_state_dict(state)
+
+
+def test_workers_build_the_same_batches(sft):
+    prefix, _ = sft
+    kw = dict(seq_len=128, micro_batch_size=4, rank=0, world_size=2, attention="mask")
+    for b1, b2 in zip(build_dataloader(prefix, **kw), build_dataloader(prefix, num_workers=2, **kw), strict=True):
+        _same(b1, b2)
