@@ -1,0 +1,515 @@
+"""Atomic, verified training checkpoints on top of DeepSpeed's ``engine.save_checkpoint``.
+
+A checkpoint is complete only when its directory has its final name *and* a ``manifest.json`` that lists every file
+with its size and sha256. The order of a save makes every crash point safe::
+
+    ckpt_root/step_00000100.partial/   DeepSpeed shards + rng_rank_00000.pt ...   (all ranks write, then barrier)
+    ckpt_root/step_00000100.partial/manifest.json                                 (global rank 0, written LAST, fsync)
+    rename  step_00000100.partial -> step_00000100                                (atomic on POSIX, fsync parent)
+    ckpt_root/latest  <- "step_00000100"                                          (temp file + os.replace + fsync)
+    prune older complete checkpoints beyond ``keep_last``                         (rename to .deleting, then rmtree)
+
+A SIGKILL at any moment therefore leaves either a ``*.partial`` directory (ignored by the loader) or a complete,
+renamed checkpoint, and ``latest`` only ever names a directory that was complete when it was written. The loader
+does not trust ``latest`` blindly: :func:`find_latest_checkpoint` scans ``step_*`` directories newest first and
+returns the first whose manifest verifies (sizes always, sha256 when ``verify_hashes``), warning about each one it
+skips, so a truncated or bit-flipped shard falls back to the previous checkpoint.
+
+The checkpoint directory must be on a filesystem every rank sees (DeepSpeed's default): rank 0 lists and hashes the
+files the other ranks wrote.
+
+All ``torch.load`` calls here use ``weights_only=True``; the per-rank RNG file holds tensors plus python/numpy states
+in JSON-able form (lists of ints) so it loads under that restriction.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+LATEST_NAME = "latest"
+MANIFEST_FORMAT = 1
+_STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
+_PARTIAL_SUFFIX = ".partial"
+_HASH_CHUNK = 8 << 20  # 8 MiB reads: large enough that hashlib releases the GIL and threads hash in parallel
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says which directory and what to do."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the complete checkpoint for ``step`` (zero-padded so names sort by step)."""
+    return f"step_{step:08d}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# torch.distributed helpers. Kept private and tolerant of "not initialized" so that world size 1 under plain python
+# works; finetune/distributed.py is the public home of rank/world-size logic for the rest of the code base.
+# --------------------------------------------------------------------------------------------------------------------
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _dist_on() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if _dist_on() else 1
+
+
+def _barrier() -> None:
+    if _dist_on():
+        torch.distributed.barrier()
+
+
+def _any_rank_failed(failed: bool) -> bool:
+    """Collective: True on every rank when at least one rank passes ``failed=True`` (also acts as a barrier)."""
+    if not _dist_on():
+        return failed
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int64)
+    if torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _dsft_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dsft")
+    except Exception:  # noqa: BLE001 - metadata missing in a source checkout is not an error, only unknown
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# filesystem primitives
+# --------------------------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    """Make a rename/create inside ``path`` durable (POSIX: the directory entry lives in the parent's inode)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` so that readers see either the old content or the whole new content, never a torn file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _hash_and_sync(path: Path) -> tuple[int, str]:
+    """Size and sha256 of ``path``; also fsyncs it (fsync on a read-only fd works on Linux) so the data is durable."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+        os.fsync(f.fileno())
+        size = f.tell()
+    return size, h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _list_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete ``path`` by first renaming it out of the ``step_*`` namespace, so a kill mid-delete leaves no dir
+    that looks like a checkpoint with missing files."""
+    doomed = path.with_name(f"{path.name}.deleting-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RNG state (per rank)
+# --------------------------------------------------------------------------------------------------------------------
+def _rng_file(step_dir: Path, rank: int) -> Path:
+    return step_dir / f"rng_rank_{rank:05d}.pt"
+
+
+def _capture_rng() -> dict[str, Any]:
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "torch_cpu": torch.get_rng_state(),
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "numpy": {
+            "kind": np_kind,
+            "keys": np_keys.tolist(),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    nps = state["numpy"]
+    np.random.set_state(
+        (nps["kind"], np.asarray(nps["keys"], dtype=np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"])
+    )
+    if "torch_cuda" in state and torch.cuda.is_available():
+        cuda_states = state["torch_cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            logger.warning(
+                "checkpoint has CUDA RNG states for %d devices, this process sees %d: CUDA RNG not restored",
+                len(cuda_states),
+                torch.cuda.device_count(),
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# manifest
+# --------------------------------------------------------------------------------------------------------------------
+def _write_manifest(step_dir: Path, step: int, world_size: int) -> dict[str, Any]:
+    files = _list_files(step_dir)
+    with ThreadPoolExecutor(_hash_threads()) as pool:
+        results = list(pool.map(_hash_and_sync, files))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "step": step,
+        "world_size": world_size,
+        "dsft_version": _dsft_version(),
+        "torch_version": torch.__version__,
+        "created_unix": time.time(),
+        "files": {
+            str(p.relative_to(step_dir)): {"size": size, "sha256": digest}
+            for p, (size, digest) in zip(files, results, strict=True)
+        },
+    }
+    # Sub-directories (e.g. DeepSpeed's offloaded_tensors/) must be durable too before the manifest claims them.
+    for d in sorted({p.parent for p in files}, key=lambda x: len(x.parts), reverse=True):
+        _fsync_dir(d)
+    _write_atomic(step_dir / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest
+
+
+def verify_checkpoint(step_dir: str | os.PathLike, verify_hashes: bool = True) -> dict[str, Any]:
+    """Check that ``step_dir`` is a complete checkpoint and return its manifest.
+
+    Args:
+        step_dir: A ``step_XXXXXXXX`` directory.
+        verify_hashes: Also recompute every file's sha256 (reads all bytes, parallel threads). Sizes, the manifest's
+            presence and the file list are always checked; they catch truncation and kills during save.
+
+    Returns:
+        The parsed manifest.
+
+    Raises:
+        CheckpointError: naming the first problem found (missing manifest, missing file, wrong size, wrong hash).
+    """
+    step_dir = Path(step_dir)
+    mpath = step_dir / MANIFEST_NAME
+    if not mpath.is_file():
+        raise CheckpointError(f"{step_dir}: no {MANIFEST_NAME} (save was interrupted before it finished)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        manifest["step"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from e
+    for rel, meta in files.items():
+        p = step_dir / rel
+        if not p.is_file():
+            raise CheckpointError(f"{p}: listed in the manifest but missing")
+        size = p.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointError(f"{p}: size {size} bytes, manifest says {meta['size']} (truncated or overwritten)")
+    if verify_hashes:
+        rels = list(files)
+        with ThreadPoolExecutor(_hash_threads()) as pool:
+            digests = list(pool.map(lambda r: _sha256(step_dir / r), rels))
+        for rel, digest in zip(rels, digests, strict=True):
+            if digest != files[rel]["sha256"]:
+                raise CheckpointError(f"{step_dir / rel}: sha256 mismatch (file corrupted after it was saved)")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------------------------
+def save_checkpoint(
+    engine: Any,
+    ckpt_root: str | os.PathLike,
+    step: int,
+    client_state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Collective: write a complete, verified checkpoint for ``step`` and point ``ckpt_root/latest`` at it.
+
+    Every rank must call this. DeepSpeed writes its shards into ``step_XXXXXXXX.partial``; each rank adds its RNG
+    state; after a barrier global rank 0 writes the manifest last, renames the directory to its final name,
+    atomically replaces ``latest`` and prunes old checkpoints.
+
+    Args:
+        engine: The ``deepspeed.DeepSpeedEngine``.
+        ckpt_root: Directory holding all checkpoints of the run (shared by every rank).
+        step: Optimizer step just completed; names the directory.
+        client_state: Extra state to store (data-loader position, config...), returned by :func:`load_checkpoint`.
+        keep_last: How many complete checkpoints to keep (the new one included; at least 1).
+
+    Returns:
+        The final checkpoint directory, ``ckpt_root/step_XXXXXXXX``.
+
+    Raises:
+        CheckpointError: on any rank's OSError (e.g. disk full). The partial directory is removed, and the previous
+            checkpoint and ``latest`` are left untouched, on every rank.
+    """
+    if keep_last < 1:
+        raise CheckpointError(f"keep_last={keep_last}: must be >= 1 (the checkpoint just written is always kept)")
+    root = Path(ckpt_root)
+    rank, world = _rank(), _world_size()
+    final = root / step_dir_name(step)
+    tag = final.name + _PARTIAL_SUFFIX
+    partial = root / tag
+
+    error: str | None = None
+    if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if partial.exists():  # left by a save of the same step that was killed
+                _remove_dir(partial)
+        except OSError as e:
+            error = _detach(e, f"cannot prepare {partial}")
+    if _any_rank_failed(error is not None):
+        raise CheckpointError(f"{partial}: cannot prepare checkpoint directory: {error or 'failed on another rank'}")
+
+    t0 = time.perf_counter()
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    except torch.distributed.DistError:
+        raise  # a peer is gone: not a write failure, let the caller's fault handling see it
+    except (OSError, RuntimeError) as e:
+        # torch.save reports ENOSPC/EFBIG as RuntimeError ("PytorchStreamWriter failed writing file ...").
+        error = _detach(e, f"rank {rank}: DeepSpeed could not write {partial}")
+        # DeepSpeed's save ends with a barrier that this rank skipped by raising inside a write; take part in it so
+        # the healthy ranks are not left waiting (every write in DeepSpeed 0.16-0.19 precedes that final barrier).
+        _barrier()
+    if error is None:
+        try:
+            torch.save(_capture_rng(), _rng_file(partial, rank))
+        except (OSError, RuntimeError) as e:
+            error = _detach(e, f"rank {rank}: could not write {_rng_file(partial, rank)}")
+
+    if _any_rank_failed(error is not None):
+        _abort_partial(partial, rank)
+        where = f"rank {rank}: {error}" if error is not None else "another rank failed to write its part"
+        raise CheckpointError(
+            f"saving checkpoint {final} failed ({where}). The partial directory was removed; the previous checkpoint "
+            f"and {root / LATEST_NAME} are unchanged. Free disk space under {root} (or lower keep_last) and resume."
+        )
+
+    if rank == 0:
+        try:
+            _write_manifest(partial, step, world)
+            if final.exists():
+                # Only when a step is saved again (e.g. after resuming from an older checkpoint because this one was
+                # corrupt): move the old one out of the step_* namespace first; rename cannot replace a directory.
+                _remove_dir(final)
+            os.rename(partial, final)
+            _fsync_dir(root)
+            _write_atomic(root / LATEST_NAME, final.name.encode())
+        except OSError as e:
+            error = _detach(e, f"rank 0: could not finalize {partial}")
+    if _any_rank_failed(error is not None):
+        _abort_partial(partial, rank)
+        raise CheckpointError(
+            f"finalizing checkpoint {final} failed on rank 0: {error or 'see rank 0 log'}. The previous checkpoint "
+            f"is intact; free disk space under {root} and resume."
+        )
+
+    if rank == 0:
+        _prune(root, step, keep_last)
+        logger.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
+    _barrier()
+    return final
+
+
+def _detach(e: BaseException, what: str) -> str:
+    """Log ``e`` with its traceback and return its text; the exception object itself is not kept.
+
+    Its traceback (and that of its ``__context__``) holds the frames of the writer that failed, and torch.save's zip
+    writer keeps its file open: holding on to the exception would keep a deleted file open and its space used.
+    """
+    # Formatted to text here: a LogRecord with exc_info would keep the exception alive in any handler that stores
+    # records (pytest's capture does).
+    logger.error("%s\n%s", what, "".join(traceback.format_exception(e)).rstrip())
+    return f"{type(e).__name__}: {e}"
+
+
+def _abort_partial(partial: Path, rank: int) -> None:
+    """Collective clean-up after a failed save: rank 0 removes the partial directory, then everyone syncs."""
+    # The failed writer (torch.save's zip writer and the frames of its traceback) sits in a reference cycle and keeps
+    # its file open; collect it now so removing the directory really frees the space on every rank.
+    gc.collect()
+    if rank == 0 and partial.exists():
+        try:
+            _remove_dir(partial)
+        except OSError as e:
+            # Leaving it is safe (the loader ignores *.partial), so this is only worth a warning.
+            logger.warning("%s: could not remove partial checkpoint after a failed save: %s", partial, e)
+    _barrier()
+
+
+def _complete_step_dirs(root: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in root.iterdir() if root.is_dir() else []:
+        m = _STEP_DIR_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out, reverse=True)
+
+
+def _prune(root: Path, step: int, keep_last: int) -> None:
+    """Rank 0: keep the ``keep_last`` newest checkpoints up to ``step`` (always including ``step``)."""
+    kept = 0
+    for s, p in _complete_step_dirs(root):
+        if s > step:
+            # Newer than what we just wrote: a checkpoint from a timeline this run abandoned (it resumed from an
+            # older one). Move it aside rather than delete it, so the scan no longer picks it but nothing is lost.
+            aside = p.with_name(f"{p.name}.abandoned-{int(time.time())}")
+            logger.warning("%s: newer than the step just saved (%d); moved to %s", p, step, aside.name)
+            os.rename(p, aside)
+            continue
+        kept += 1
+        if kept > keep_last:
+            try:
+                _remove_dir(p)
+            except OSError as e:
+                logger.warning("%s: could not prune old checkpoint: %s", p, e)
+    for p in root.iterdir():
+        if p.name.endswith(_PARTIAL_SUFFIX) and p.is_dir() and p.name != step_dir_name(step) + _PARTIAL_SUFFIX:
+            # Left by a save that was killed; rank 0 is the only writer of this root and no save is running now.
+            logger.warning("%s: removing partial checkpoint left by an interrupted save", p)
+            _remove_dir(p)
+
+
+def find_latest_checkpoint(ckpt_root: str | os.PathLike, verify_hashes: bool = True) -> Path | None:
+    """Return the newest complete checkpoint under ``ckpt_root`` whose manifest verifies, or None.
+
+    Scans ``step_*`` directories newest first (``latest`` is a hint for humans and DeepSpeed tools, the manifest is
+    the truth) and logs a warning naming each skipped directory and why, including ``*.partial`` ones.
+
+    Args:
+        ckpt_root: Directory given to :func:`save_checkpoint`.
+        verify_hashes: Recompute sha256 of every file (reads the whole checkpoint once, in parallel threads).
+            With False only sizes and the file list are checked, which still catches truncation and interrupted
+            saves but not a flipped byte.
+
+    Returns:
+        The checkpoint directory, or None if there is no usable checkpoint.
+    """
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return None
+    for p in sorted(root.iterdir()):
+        if p.name.endswith(_PARTIAL_SUFFIX):
+            logger.warning("skipping %s: incomplete (a save was interrupted; it never got its manifest)", p)
+    for _, p in _complete_step_dirs(root):
+        try:
+            verify_checkpoint(p, verify_hashes=verify_hashes)
+        except CheckpointError as e:
+            logger.warning("skipping checkpoint %s: %s", p, e)
+            continue
+        return p
+    return None
+
+
+def load_checkpoint(engine: Any, ckpt_dir: str | os.PathLike, verify_hashes: bool = True) -> dict[str, Any]:
+    """Collective: verify ``ckpt_dir``, load it into ``engine``, restore this rank's RNG; return the client state.
+
+    Args:
+        engine: The ``deepspeed.DeepSpeedEngine`` (built with the same ZeRO stage and world size as at save).
+        ckpt_dir: A complete checkpoint directory, e.g. from :func:`find_latest_checkpoint`.
+        verify_hashes: Recompute sha256 before loading (rank 0 only; every rank checks sizes).
+
+    Returns:
+        The ``client_state`` dict given to :func:`save_checkpoint` (DeepSpeed's own keys removed).
+
+    Raises:
+        CheckpointError: the checkpoint does not verify or DeepSpeed could not load it.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    rank, world = _rank(), _world_size()
+    error: CheckpointError | None = None
+    manifest: dict[str, Any] = {}
+    try:
+        manifest = verify_checkpoint(ckpt_dir, verify_hashes=verify_hashes and rank == 0)
+    except CheckpointError as e:
+        error = e
+    if _any_rank_failed(error is not None):
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir}: {error or 'failed verification on another rank'}; "
+            f"delete it to fall back to the previous checkpoint"
+        ) from error
+    if manifest.get("world_size") not in (None, world):
+        logger.warning(
+            "%s was saved with world size %s, loading with %d: DeepSpeed must re-partition (ZeRO needs the same "
+            "world size unless the checkpoint is converted to a universal checkpoint)",
+            ckpt_dir,
+            manifest.get("world_size"),
+            world,
+        )
+
+    load_path, client_state = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir} (see its log above)")
+
+    rng_path = _rng_file(ckpt_dir, rank)
+    if rng_path.is_file():
+        _restore_rng(torch.load(rng_path, map_location="cpu", weights_only=True))
+    else:
+        logger.warning("%s: no RNG state for rank %d; random streams will differ from the original run", ckpt_dir, rank)
+    _barrier()
+    return dict(client_state or {})

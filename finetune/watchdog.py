@@ -1,0 +1,235 @@
+"""Step watchdog: a rank blocked in a collective whose peer died must not hang forever.
+
+Two layers bound how long a surviving rank waits after a peer is lost:
+
+1. **Collective timeout** (set once at init): ``deepspeed.init_distributed(timeout=timedelta(seconds=T))`` /
+   ``torch.distributed.init_process_group(timeout=...)``. With gloo (CPU) a SIGKILLed peer usually closes its TCP
+   sockets and the survivor's collective raises at once; with NCCL a collective blocks until ``T`` (and only aborts
+   when ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``, the default since torch 2.2). ``T`` must exceed the slowest legitimate
+   collective, e.g. the first ZeRO-3 gather or a checkpoint save's barrier.
+2. **This watchdog** (``StepWatchdog``): a daemon thread that expects :meth:`StepWatchdog.beat` after every optimizer
+   step. When none comes for ``timeout_s`` it prints one message naming this rank, the last completed step, the ranks
+   that look lost, and the checkpoint to resume from, then ends the process with :data:`EXIT_STEP_TIMEOUT` via
+   ``os._exit`` (a thread cannot interrupt a C++ collective; ``sys.exit`` would wait for it).
+
+Naming the lost rank: with a ``heartbeat_dir`` on a filesystem every rank sees (the run's output dir), each rank's
+watchdog thread rewrites ``heartbeat_dir/rank_XXXXX.json`` every ``heartbeat_s`` seconds *independently of training
+progress*. A rank that is alive but blocked keeps its heartbeat fresh; a killed rank's heartbeat goes stale. So on a
+timeout the ranks with stale (or missing) heartbeats are the lost ones; if none is stale, a rank is stuck (a hung
+data read, a deadlock) rather than dead, and the message says so.
+
+Worst-case time from a peer's death to this process exiting: ``min(collective timeout, timeout_s + heartbeat_s)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+#: Exit code of a process ended by the watchdog (distinct from Python's 1 and a signal's 128+N).
+EXIT_STEP_TIMEOUT = 86
+#: Exit code the engine should use when a collective raised because a peer is gone (see :meth:`report_and_exit`).
+EXIT_PEER_LOST = 87
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+class StepWatchdog:
+    """Exit the process when no training step completes within ``timeout_s`` seconds.
+
+    Example::
+
+        wd = StepWatchdog(cfg.train.step_timeout_s, heartbeat_dir=out / "heartbeat", ckpt_root=out / "checkpoints")
+        for step in ...:
+            train_step()
+            wd.beat(step)
+            if saved:
+                wd.note_checkpoint(path)
+        wd.stop()
+
+    Args:
+        timeout_s: Seconds without a :meth:`beat` before the process is ended. Must cover the slowest legitimate
+            step *including a checkpoint save and an evaluation*; the first step (compilation, ZeRO-3 warm-up) too,
+            since the clock starts at construction. ``<= 0`` disables the watchdog (no thread is started).
+        on_timeout: Called with the message just before exiting (e.g. to flush metrics). Exceptions from it are
+            printed and ignored so that the process still exits.
+        heartbeat_dir: Shared directory for liveness files that let the message name lost ranks; None to skip.
+        ckpt_root: Where checkpoints are saved, used to name the resume point when none was noted.
+        rank: Global rank (default: env ``RANK``, else 0).
+        world_size: World size (default: env ``WORLD_SIZE``, else 1).
+        heartbeat_s: Seconds between liveness writes; a heartbeat older than ``3 * heartbeat_s`` counts as lost.
+        exit_fn: Replaces ``os._exit`` (tests only).
+    """
+
+    def __init__(
+        self,
+        timeout_s: float,
+        on_timeout: Callable[[str], None] | None = None,
+        *,
+        heartbeat_dir: str | os.PathLike | None = None,
+        ckpt_root: str | os.PathLike | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        heartbeat_s: float = 1.0,
+        exit_fn: Callable[[int], None] = os._exit,
+    ) -> None:
+        self.timeout_s = float(timeout_s)
+        self.on_timeout = on_timeout
+        self.heartbeat_dir = Path(heartbeat_dir) if heartbeat_dir is not None else None
+        self.ckpt_root = Path(ckpt_root) if ckpt_root is not None else None
+        self.rank = _env_int("RANK", 0) if rank is None else rank
+        self.world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+        self.heartbeat_s = float(heartbeat_s)
+        self._exit = exit_fn
+        self._lock = threading.Lock()
+        self._last_beat = time.monotonic()
+        self._last_step: int | None = None
+        self._checkpoint: Path | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.fired = False
+        if self.heartbeat_dir is not None:
+            self.heartbeat_dir.mkdir(parents=True, exist_ok=True)
+        if self.timeout_s > 0:
+            self._write_heartbeat()
+            self._thread = threading.Thread(target=self._run, name=f"dsft-watchdog-rank{self.rank}", daemon=True)
+            self._thread.start()
+
+    # ---------------------------------------------------------------- called by the training loop
+    def beat(self, step: int | None = None) -> None:
+        """Record that a step completed (``step`` = its number, shown in the timeout message)."""
+        with self._lock:
+            self._last_beat = time.monotonic()
+            if step is not None:
+                self._last_step = step
+
+    def note_checkpoint(self, path: str | os.PathLike) -> None:
+        """Record the newest complete checkpoint, named in the message as the resume point."""
+        with self._lock:
+            self._checkpoint = Path(path)
+
+    def stop(self) -> None:
+        """Stop the thread (call at the end of training, before the final export, or before a long pause)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(1.0, self.heartbeat_s * 2))
+        if self.heartbeat_dir is not None:
+            # A finished rank must not look lost to a slower peer: mark it finished instead of deleting the file.
+            self._write_heartbeat(finished=True)
+
+    # ---------------------------------------------------------------- fault reporting
+    def lost_ranks(self) -> list[int]:
+        """Ranks whose heartbeat is missing or stale (older than ``3 * heartbeat_s``), this rank excluded."""
+        if self.heartbeat_dir is None:
+            return []
+        now = time.time()
+        lost = []
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            try:
+                hb = json.loads((self.heartbeat_dir / f"rank_{r:05d}.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                lost.append(r)
+                continue
+            if not hb.get("finished") and now - float(hb.get("alive_unix", 0)) > 3 * self.heartbeat_s:
+                lost.append(r)
+        return lost
+
+    def resume_hint(self) -> str:
+        """The checkpoint to resume from, as text for the message."""
+        with self._lock:
+            ckpt = self._checkpoint
+        if ckpt is None and self.ckpt_root is not None:
+            from finetune.checkpoint import find_latest_checkpoint
+
+            # Sizes only: the process is about to exit and must not spend minutes hashing.
+            ckpt = find_latest_checkpoint(self.ckpt_root, verify_hashes=False)
+        if ckpt is None:
+            return "no complete checkpoint yet: a restart starts from step 0"
+        return f"resume from {ckpt} (restart the same command; train.resume=auto picks it up)"
+
+    def message(self, reason: str) -> str:
+        """The one-paragraph report printed before exiting."""
+        with self._lock:
+            step = self._last_step
+        lost = self.lost_ranks()
+        if lost:
+            who = f"lost rank(s) {', '.join(map(str, lost))} (heartbeat stopped)"
+        elif self.heartbeat_dir is not None:
+            who = "every rank's heartbeat is fresh: a rank is stuck (hung I/O or deadlock), none died"
+        else:
+            who = "lost rank unknown (no heartbeat_dir)"
+        return (
+            f"[dsft watchdog] rank {self.rank}/{self.world_size} on {socket.gethostname()}: {reason}; "
+            f"last completed step {step if step is not None else 'none'}; {who}; {self.resume_hint()}"
+        )
+
+    def report_and_exit(self, reason: str, code: int = EXIT_PEER_LOST) -> None:
+        """Print :meth:`message` for ``reason`` and end the process with ``code`` (no cleanup that could block).
+
+        The engine calls this when a collective raises because a peer disappeared (gloo: "Connection closed by
+        peer"), so that the message has the same shape as a watchdog timeout.
+        """
+        self.fired = True
+        self._stop.set()
+        msg = self.message(reason)
+        print(msg, file=sys.stderr, flush=True)
+        if self.on_timeout is not None:
+            try:
+                self.on_timeout(msg)
+            except Exception as e:  # noqa: BLE001 - the exit below must happen whatever the callback does
+                print(f"[dsft watchdog] on_timeout callback failed: {e!r}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        self._exit(code)
+
+    # ---------------------------------------------------------------- thread
+    def _write_heartbeat(self, finished: bool = False) -> None:
+        if self.heartbeat_dir is None:
+            return
+        with self._lock:
+            step = self._last_step
+        hb = {
+            "rank": self.rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "alive_unix": time.time(),
+            "step": step,
+            "finished": finished,
+        }
+        path = self.heartbeat_dir / f"rank_{self.rank:05d}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(hb))
+            os.replace(tmp, path)  # readers never see a torn file
+        except OSError as e:
+            # Liveness files are diagnostics; a full disk must not kill training from the watchdog thread.
+            print(f"[dsft watchdog] rank {self.rank}: cannot write heartbeat {path}: {e}", file=sys.stderr)
+
+    def _run(self) -> None:
+        tick = min(self.heartbeat_s, max(0.05, self.timeout_s / 10))
+        next_hb = 0.0
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            if now >= next_hb:
+                self._write_heartbeat()
+                next_hb = now + self.heartbeat_s
+            with self._lock:
+                idle = now - self._last_beat
+            if idle > self.timeout_s:
+                self.report_and_exit(
+                    f"no training step finished for {idle:.0f}s (train.step_timeout_s={self.timeout_s:g})",
+                    EXIT_STEP_TIMEOUT,
+                )
+                return
