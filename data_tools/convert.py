@@ -350,6 +350,10 @@ def convert(
     tmp_prefix = f"{output_prefix}.{tag}" if output_prefix is not None else None
     builders: list[indexed.IndexedDatasetBuilder] = []
     wds_writer = None
+    # Folders this run creates are removed again on failure: nothing is left behind, not even an empty folder.
+    made_dir = None
+    if output_prefix is not None and not Path(output_prefix).parent.exists():
+        made_dir = Path(output_prefix).parent
     try:
         if tmp_prefix is not None:
             builders.append(indexed.IndexedDatasetBuilder(tmp_prefix, dtype))
@@ -456,6 +460,8 @@ def convert(
             indexed.remove(tmp_prefix + LOSS_MASK_SUFFIX)
         if wds_writer is not None:
             wds_writer.abort()
+        if made_dir is not None and made_dir.is_dir() and not any(made_dir.iterdir()):
+            made_dir.rmdir()
         raise
     stats = {
         "documents": counts["documents"],
