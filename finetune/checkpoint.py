@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune import distributed as dist
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
@@ -60,36 +62,9 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# torch.distributed helpers. Kept private and tolerant of "not initialized" so that world size 1 under plain python
-# works; finetune/distributed.py is the public home of rank/world-size logic for the rest of the code base.
-# --------------------------------------------------------------------------------------------------------------------
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _dist_on() else 0
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if _dist_on() else 1
-
-
-def _barrier() -> None:
-    if _dist_on():
-        torch.distributed.barrier()
-
-
 def _any_rank_failed(failed: bool) -> bool:
     """Collective: True on every rank when at least one rank passes ``failed=True`` (also acts as a barrier)."""
-    if not _dist_on():
-        return failed
-    flag = torch.tensor([1 if failed else 0], dtype=torch.int64)
-    if torch.distributed.get_backend() == "nccl":
-        flag = flag.cuda()
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    return dist.all_reduce_sum([1.0 if failed else 0.0])[0] > 0
 
 
 def _dsft_version() -> str:
@@ -309,7 +284,7 @@ def save_checkpoint(
     if keep_last < 1:
         raise CheckpointError(f"keep_last={keep_last}: must be >= 1 (the checkpoint just written is always kept)")
     root = Path(ckpt_root)
-    rank, world = _rank(), _world_size()
+    rank, world = dist.rank(), dist.world_size()
     final = root / step_dir_name(step)
     tag = final.name + _PARTIAL_SUFFIX
     partial = root / tag
@@ -335,7 +310,7 @@ def save_checkpoint(
         error = _detach(e, f"rank {rank}: DeepSpeed could not write {partial}")
         # DeepSpeed's save ends with a barrier that this rank skipped by raising inside a write; take part in it so
         # the healthy ranks are not left waiting (every write in DeepSpeed 0.16-0.19 precedes that final barrier).
-        _barrier()
+        dist.barrier()
     if error is None:
         try:
             torch.save(_capture_rng(), _rng_file(partial, rank))
@@ -372,7 +347,7 @@ def save_checkpoint(
     if rank == 0:
         _prune(root, step, keep_last)
         logger.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
-    _barrier()
+    dist.barrier()
     return final
 
 
@@ -399,7 +374,7 @@ def _abort_partial(partial: Path, rank: int) -> None:
         except OSError as e:
             # Leaving it is safe (the loader ignores *.partial), so this is only worth a warning.
             logger.warning("%s: could not remove partial checkpoint after a failed save: %s", partial, e)
-    _barrier()
+    dist.barrier()
 
 
 def _complete_step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -481,7 +456,7 @@ def load_checkpoint(engine: Any, ckpt_dir: str | os.PathLike, verify_hashes: boo
         CheckpointError: the checkpoint does not verify or DeepSpeed could not load it.
     """
     ckpt_dir = Path(ckpt_dir)
-    rank, world = _rank(), _world_size()
+    rank, world = dist.rank(), dist.world_size()
     error: CheckpointError | None = None
     manifest: dict[str, Any] = {}
     try:
@@ -511,5 +486,5 @@ def load_checkpoint(engine: Any, ckpt_dir: str | os.PathLike, verify_hashes: boo
         _restore_rng(torch.load(rng_path, map_location="cpu", weights_only=True))
     else:
         logger.warning("%s: no RNG state for rank %d; random streams will differ from the original run", ckpt_dir, rank)
-    _barrier()
+    dist.barrier()
     return dict(client_state or {})

@@ -32,17 +32,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from finetune import distributed as dist
+
 #: Exit code of a process ended by the watchdog (distinct from Python's 1 and a signal's 128+N).
 EXIT_STEP_TIMEOUT = 86
 #: Exit code the engine should use when a collective raised because a peer is gone (see :meth:`report_and_exit`).
 EXIT_PEER_LOST = 87
-
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 class StepWatchdog:
@@ -66,8 +61,8 @@ class StepWatchdog:
             printed and ignored so that the process still exits.
         heartbeat_dir: Shared directory for liveness files that let the message name lost ranks; None to skip.
         ckpt_root: Where checkpoints are saved, used to name the resume point when none was noted.
-        rank: Global rank (default: env ``RANK``, else 0).
-        world_size: World size (default: env ``WORLD_SIZE``, else 1).
+        rank: Global rank (default: ``finetune.distributed.rank()``).
+        world_size: World size (default: ``finetune.distributed.world_size()``).
         heartbeat_s: Seconds between liveness writes; a heartbeat older than ``3 * heartbeat_s`` counts as lost.
         exit_fn: Replaces ``os._exit`` (tests only).
     """
@@ -88,8 +83,8 @@ class StepWatchdog:
         self.on_timeout = on_timeout
         self.heartbeat_dir = Path(heartbeat_dir) if heartbeat_dir is not None else None
         self.ckpt_root = Path(ckpt_root) if ckpt_root is not None else None
-        self.rank = _env_int("RANK", 0) if rank is None else rank
-        self.world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+        self.rank = dist.rank() if rank is None else rank
+        self.world_size = dist.world_size() if world_size is None else world_size
         self.heartbeat_s = float(heartbeat_s)
         self._exit = exit_fn
         self._lock = threading.Lock()

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -304,7 +305,7 @@ def test_watchdog_really_exits_the_process(tmp_path):
         "threading.Event().wait()\n"
     )
     proc = subprocess.run(
-        [os.environ.get("PYTHON", shutil.which("python") or "python"), "-c", code],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=60,
