@@ -58,7 +58,8 @@ class ConversionResult:
         output_prefix: the ``P`` of ``P.bin/.idx`` (None when only WebDataset output was asked for).
         webdataset_dir: folder of the shards and ``index.json`` (or None).
         meta: the content of ``P.meta.json``.
-        seconds: wall time of the conversion.
+        seconds: wall time of the streaming pass (reading, encoding, writing; not the tokenizer load).
+        stats: documents, tokens, input_bytes, docs_per_s, tokens_per_s, mb_per_s.
     """
 
     output_prefix: str | None
@@ -306,7 +307,6 @@ def convert(
         ConversionError: a bad record with ``on_error="fail"``, a malformed JSON array, unreadable input, or a
             tokenizer that cannot be loaded. Nothing is left under the final output names.
     """
-    start = time.perf_counter()
     paths = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
     if not paths:
         raise ConversionError("--input: give at least one file")
@@ -368,6 +368,7 @@ def convert(
         skipped = Counter()
         examples: list[str] = []
         bar = _progress_bar(progress)
+        start = time.perf_counter()  # throughput counts the streaming pass, not the tokenizer load
         for where, results in _results(_chunks(sources), encoder_kwargs, tok, workers):
             chunk_tokens = 0
             for (s_idx, line_no), result in zip(where, results, strict=True):
@@ -556,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{c['documents']} documents, {c['tokens']} tokens"
         + (f", {c['masked_tokens']} trained (loss mask 1)" if c["masked_tokens"] is not None else "")
-        + f", {c['truncated']} truncated, {c['skipped']} skipped {result.meta['skipped']['by_reason'] or ''}"
+        + f", {c['truncated']} truncated, {c['skipped']} skipped"
+        + (f" {result.meta['skipped']['by_reason']}" if c["skipped"] else "")
         + f" in {result.seconds:.1f}s ({s['docs_per_s']:,.0f} docs/s, {s['tokens_per_s']:,.0f} tokens/s, "
         f"{s['mb_per_s']:.1f} MB/s) -> {', '.join(outputs)}"
     )

@@ -1,0 +1,162 @@
+"""Converter throughput on a generated ≥ 50 MB jsonl corpus, against a plain ``tokenizer(text)`` loop.
+
+    python -m benchmarks.convert_throughput          # or: make bench (all benchmarks)
+    DSFT_BENCH_CONVERT_MB=10 python -m benchmarks.convert_throughput   # a quick run while developing
+
+Rows:
+* reference: the loop most people write first: read a line, ``json.loads``, ``tokenizer(text)["input_ids"]``, one
+  document at a time in one process (nothing written).
+* HF tokenizers raw batch: ``backend_tokenizer.encode_batch_fast`` on texts already in memory, 1024 at a time, with
+  the Rust thread pool on every core: the ceiling for tokenization alone (no reading, parsing or writing).
+* ``data_tools.convert`` with 1 and 2 workers: the whole job (read, parse, encode, write ``.bin/.idx`` + meta).
+  With 1 worker the encoding runs in the main process, where the Rust batch encoder may itself use several threads.
+
+The corpus is deterministic (numpy seed 0): Zipf-distributed pseudo-words in sentences, document lengths
+log-normal around ~1 kB, like web text. A byte-level BPE tokenizer (vocab 16k) is trained on a 2 MB sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CORPUS_MB = float(os.environ.get("DSFT_BENCH_CONVERT_MB", "50"))
+VOCAB_SIZE = 16_000
+BATCH = 1024
+
+
+def generate_corpus(path: Path, megabytes: float, seed: int = 0) -> tuple[int, int]:
+    """Write ``megabytes`` of ``{"text": ...}`` lines; returns (documents, bytes)."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    letter_p = np.linspace(2.0, 0.2, len(letters))
+    letter_p /= letter_p.sum()
+    lengths = rng.integers(2, 11, size=20_000)
+    words = np.array(["".join(rng.choice(letters, size=n, p=letter_p)) for n in lengths])
+    target = int(megabytes * 1e6)
+    written = docs = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        while written < target:
+            n_words = np.clip(rng.lognormal(mean=5.0, sigma=0.6, size=512), 10, 3000).astype(int)
+            ids = np.minimum(rng.zipf(1.2, size=int(n_words.sum())) - 1, len(words) - 1)
+            pieces = words[ids]
+            start = 0
+            lines = []
+            for n in n_words:
+                sentence = " ".join(pieces[start : start + n])
+                start += n
+                # Sentences of ~12 words with punctuation and a capital, so the text is not one endless run.
+                text = ". ".join(sentence[i : i + 80].strip().capitalize() for i in range(0, len(sentence), 80)) + "."
+                lines.append(json.dumps({"text": text}) + "\n")
+            block = "".join(lines)
+            fh.write(block)
+            written += len(block.encode())
+            docs += len(lines)
+    return docs, written
+
+
+def _reference(path: Path, tokenizer) -> tuple[int, int]:
+    docs = tokens = 0
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            ids = tokenizer(json.loads(line)["text"])["input_ids"]
+            docs += 1
+            tokens += len(ids)
+    return docs, tokens
+
+
+def _raw_batch(texts: list[str], tokenizer) -> int:
+    tokens = 0
+    backend = tokenizer.backend_tokenizer
+    for i in range(0, len(texts), BATCH):
+        tokens += sum(len(e.ids) for e in backend.encode_batch_fast(texts[i : i + BATCH], add_special_tokens=True))
+    return tokens
+
+
+def run() -> dict:
+    """Run the benchmark; returns ``{"title", "markdown", "data"}`` for ``benchmarks.run``."""
+    from transformers import AutoTokenizer
+
+    from data_tools.convert import convert
+    from finetune.tiny import train_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="dsft-bench-convert-"))
+    try:
+        corpus = work / "corpus.jsonl"
+        t0 = time.perf_counter()
+        n_docs, n_bytes = generate_corpus(corpus, CORPUS_MB)
+        gen_s = time.perf_counter() - t0
+        sample = []
+        with open(corpus, encoding="utf-8") as fh:
+            size = 0
+            for line in fh:
+                sample.append(json.loads(line)["text"])
+                size += len(line)
+                if size > 2_000_000:
+                    break
+        train_tokenizer(work / "tok", sample, vocab_size=VOCAB_SIZE)
+        tokenizer = AutoTokenizer.from_pretrained(work / "tok")
+
+        rows = []
+
+        def add(name: str, seconds: float, docs: int, tokens: int) -> None:
+            rows.append(
+                {
+                    "method": name,
+                    "seconds": seconds,
+                    "docs_per_s": docs / seconds,
+                    "tokens_per_s": tokens / seconds,
+                    "mb_per_s": n_bytes / 1e6 / seconds,
+                }
+            )
+
+        # Converter runs first: fork after the Rust pool has been used makes tokenizers drop to one thread.
+        for workers in (2, 1):
+            t0 = time.perf_counter()
+            res = convert(corpus, work / f"out{workers}", tokenizer, fmt="text", workers=workers, progress=False)
+            add(f"data_tools.convert, {workers} worker{'s' if workers > 1 else ''}", time.perf_counter() - t0,
+                res.meta["counts"]["documents"], res.meta["counts"]["tokens"])  # fmt: skip
+        t0 = time.perf_counter()
+        ref_docs, ref_tokens = _reference(corpus, tokenizer)
+        add("reference: tokenizer(text) loop, 1 process", time.perf_counter() - t0, ref_docs, ref_tokens)
+        assert ref_tokens == res.meta["counts"]["tokens"], "converter and reference disagree on the token count"
+
+        with open(corpus, encoding="utf-8") as fh:
+            texts = [json.loads(line)["text"] for line in fh]
+        t0 = time.perf_counter()
+        raw_tokens = _raw_batch(texts, tokenizer)
+        add("HF tokenizers encode_batch_fast (in memory, all cores)", time.perf_counter() - t0, len(texts), raw_tokens)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ref = next(r for r in rows if r["method"].startswith("reference"))
+    for r in rows:
+        r["vs_reference"] = r["tokens_per_s"] / ref["tokens_per_s"]
+    lines = [
+        f"Corpus: {n_bytes / 1e6:.1f} MB jsonl, {n_docs:,} documents, {ref_tokens:,} tokens "
+        f"(byte-level BPE, vocab {len(tokenizer):,}); generated in {gen_s:.1f}s; {os.cpu_count()} cores.",
+        "",
+        "| method | seconds | docs/s | tokens/s | MB/s | vs reference |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['seconds']:.1f} | {r['docs_per_s']:,.0f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['mb_per_s']:.1f} | {r['vs_reference']:.2f}× |"
+        )
+    return {
+        "title": "jsonl → mmap conversion throughput",
+        "markdown": "\n".join(lines),
+        "data": {"corpus_bytes": n_bytes, "documents": n_docs, "tokens": ref_tokens, "rows": rows},
+    }
+
+
+if __name__ == "__main__":
+    result = run()
+    print(f"## {result['title']}\n\n{result['markdown']}")
