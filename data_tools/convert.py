@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from data_tools import indexed
-from data_tools.formats import FORMATS, SFT_FORMATS, Encoded, FormatError, SampleEncoder, detect_format
+from data_tools.formats import FORMATS, SFT_FORMATS, BadRecord, Encoded, FormatError, SampleEncoder, detect_format
 from data_tools.formats import encode_raw_batch as _encode_raw_batch
 from data_tools.formats import parse_json_line as _parse_json_line
 from data_tools.meta import META_VERSION, meta_path, tokenizer_fingerprint, write_meta
@@ -212,17 +212,19 @@ def _chunks(sources: list[_Source]) -> Iterator[tuple[list[tuple[int, int]], lis
 
 
 def _first_record(sources: list[_Source]) -> tuple[str, int, Any] | None:
+    """The first record that parses, for ``--format auto``.
+
+    Unparseable lines before it are left to the real pass, which reports them (or skips them) like any bad line.
+    """
     for source in sources:
         probe = _Source(source.path)  # a separate reader: the real pass must still hash the whole file
         for line_no, payload in probe:
-            if isinstance(payload, bytes):
-                try:
-                    return source.path, line_no, _parse_json_line(payload)
-                except Exception as exc:  # the _Bad of formats: report where, since the format is unknown
-                    raise ConversionError(
-                        f"{source.path}:{line_no}: {exc} (format auto); fix the line or pass --format"
-                    ) from exc
-            return source.path, line_no, payload
+            if not isinstance(payload, bytes):
+                return source.path, line_no, payload
+            try:
+                return source.path, line_no, _parse_json_line(payload)
+            except BadRecord:
+                continue
     return None
 
 

@@ -116,15 +116,15 @@ def detect_format(record: Any, text_key: str = "text") -> str:
 
 def _require(record: dict, key: str, types: type | tuple, what: str) -> Any:
     if key not in record:
-        raise _Bad("missing_key", f'missing key "{key}"')
+        raise BadRecord("missing_key", f'missing key "{key}"')
     value = record[key]
     if not isinstance(value, types):
-        raise _Bad("wrong_type", f'key "{key}" must be {what}, got {type(value).__name__}')
+        raise BadRecord("wrong_type", f'key "{key}" must be {what}, got {type(value).__name__}')
     return value
 
 
-class _Bad(Exception):
-    """Internal: raised while reading one record, turned into :class:`Rejected`."""
+class BadRecord(Exception):
+    """One record is unusable (``reason`` as in :class:`Rejected`); :class:`SampleEncoder` turns it into a Rejected."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -132,12 +132,12 @@ class _Bad(Exception):
 
 
 def record_to_text(record: Any, text_key: str = "text") -> str:
-    """The document text of a ``text`` record; raises ``_Bad`` (caught by the encoder) when it is unusable."""
+    """The document text of a ``text`` record; raises ``BadRecord`` (caught by the encoder) when it is unusable."""
     if not isinstance(record, dict):
-        raise _Bad("wrong_type", f"record must be a JSON object, got {type(record).__name__}")
+        raise BadRecord("wrong_type", f"record must be a JSON object, got {type(record).__name__}")
     text = _require(record, text_key, str, "a string")
     if not text.strip():
-        raise _Bad("empty", f'empty text in key "{text_key}"')
+        raise BadRecord("empty", f'empty text in key "{text_key}"')
     return text
 
 
@@ -148,27 +148,27 @@ def _alpaca_messages(record: dict) -> list[dict[str, str]]:
     if extra is None:
         extra = ""
     if not isinstance(extra, str):
-        raise _Bad("wrong_type", f'key "input" must be a string, got {type(extra).__name__}')
+        raise BadRecord("wrong_type", f'key "input" must be a string, got {type(extra).__name__}')
     user = f"{instruction}\n{extra}" if extra.strip() else instruction
     if not user.strip():
-        raise _Bad("empty", 'empty "instruction" and "input"')
+        raise BadRecord("empty", 'empty "instruction" and "input"')
     if not output.strip():
-        raise _Bad("empty", 'empty "output" (nothing to learn)')
+        raise BadRecord("empty", 'empty "output" (nothing to learn)')
     messages = []
     system = record.get("system")
     if system is not None:
         if not isinstance(system, str):
-            raise _Bad("wrong_type", f'key "system" must be a string, got {type(system).__name__}')
+            raise BadRecord("wrong_type", f'key "system" must be a string, got {type(system).__name__}')
         if system.strip():
             messages.append({"role": "system", "content": system})
     history = record.get("history") or []
     if not isinstance(history, list):
-        raise _Bad(
+        raise BadRecord(
             "wrong_type", f'key "history" must be a list of [user, assistant] pairs, got {type(history).__name__}'
         )
     for n, pair in enumerate(history):
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise _Bad("wrong_type", f"history[{n}] must be a [user, assistant] pair of strings")
+            raise BadRecord("wrong_type", f"history[{n}] must be a [user, assistant] pair of strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
     return messages
@@ -180,20 +180,22 @@ def _sharegpt_messages(record: dict) -> list[dict[str, str]]:
     system = record.get("system")
     if system is not None:
         if not isinstance(system, str):
-            raise _Bad("wrong_type", f'key "system" must be a string, got {type(system).__name__}')
+            raise BadRecord("wrong_type", f'key "system" must be a string, got {type(system).__name__}')
         if system.strip():
             messages.append({"role": "system", "content": system})
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise _Bad("wrong_type", f"conversations[{n}] must be an object, got {type(turn).__name__}")
+            raise BadRecord("wrong_type", f"conversations[{n}] must be an object, got {type(turn).__name__}")
         for key in ("from", "value"):
             if key not in turn:
-                raise _Bad("missing_key", f'missing key "{key}" in conversations[{n}]')
+                raise BadRecord("missing_key", f'missing key "{key}" in conversations[{n}]')
         role, value = turn["from"], turn["value"]
         if not isinstance(value, str):
-            raise _Bad("wrong_type", f"conversations[{n}].value must be a string, got {type(value).__name__}")
+            raise BadRecord("wrong_type", f"conversations[{n}].value must be a string, got {type(value).__name__}")
         if role not in SHAREGPT_ROLES:
-            raise _Bad("wrong_type", f"conversations[{n}].from is {role!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+            raise BadRecord(
+                "wrong_type", f"conversations[{n}].from is {role!r}; expected one of {sorted(SHAREGPT_ROLES)}"
+            )
         messages.append({"role": SHAREGPT_ROLES[role], "content": value})
     return messages
 
@@ -203,15 +205,15 @@ def _openai_messages(record: dict) -> list[dict[str, str]]:
     messages = []
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise _Bad("wrong_type", f"messages[{n}] must be an object, got {type(turn).__name__}")
+            raise BadRecord("wrong_type", f"messages[{n}] must be an object, got {type(turn).__name__}")
         for key in ("role", "content"):
             if key not in turn:
-                raise _Bad("missing_key", f'missing key "{key}" in messages[{n}]')
+                raise BadRecord("missing_key", f'missing key "{key}" in messages[{n}]')
         role, content = turn["role"], turn["content"]
         if role not in MESSAGE_ROLES:
-            raise _Bad("wrong_type", f"messages[{n}].role is {role!r}; expected one of {list(MESSAGE_ROLES)}")
+            raise BadRecord("wrong_type", f"messages[{n}].role is {role!r}; expected one of {list(MESSAGE_ROLES)}")
         if not isinstance(content, str):
-            raise _Bad("wrong_type", f"messages[{n}].content must be a string, got {type(content).__name__}")
+            raise BadRecord("wrong_type", f"messages[{n}].content must be a string, got {type(content).__name__}")
         messages.append({"role": role, "content": content})
     return messages
 
@@ -222,16 +224,16 @@ _TO_MESSAGES = {"alpaca": _alpaca_messages, "sharegpt": _sharegpt_messages, "mes
 def record_to_messages(record: Any, fmt: str) -> list[dict[str, str]]:
     """Normalise an SFT record to ``[{"role", "content"}, ...]`` (roles system/user/assistant/tool).
 
-    Raises ``_Bad`` (turned into :class:`Rejected` by :class:`SampleEncoder`) for missing keys, wrong types, and
+    Raises ``BadRecord`` (turned into :class:`Rejected` by :class:`SampleEncoder`) for missing keys, wrong types, and
     conversations with no non-empty assistant turn (nothing to learn).
     """
     if not isinstance(record, dict):
-        raise _Bad("wrong_type", f"record must be a JSON object, got {type(record).__name__}")
+        raise BadRecord("wrong_type", f"record must be a JSON object, got {type(record).__name__}")
     messages = _TO_MESSAGES[fmt](record)
     if not messages:
-        raise _Bad("empty", "empty conversation")
+        raise BadRecord("empty", "empty conversation")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise _Bad("empty", "no non-empty assistant turn (nothing to learn)")
+        raise BadRecord("empty", "no non-empty assistant turn (nothing to learn)")
     return messages
 
 
@@ -342,7 +344,7 @@ class SampleEncoder:
             before = self._render(messages[:i], add_generation_prompt=True)
             through = self._render(messages[: i + 1])
             if not (through.startswith(before) and full.startswith(through)):
-                raise _Bad(
+                raise BadRecord(
                     "template",
                     f"the chat template does not render messages[:{i + 1}] as a prefix of the conversation, so the "
                     "assistant tokens cannot be located; use a template with {% generation %} tags",
@@ -354,20 +356,20 @@ class SampleEncoder:
             spans.append((len(before), end))
         return full, spans
 
-    def _prefix_masks(self, conversations: list[list[dict]]) -> list[tuple[list[int], np.ndarray] | _Bad]:
-        rendered: list[tuple[str, list] | _Bad] = []
+    def _prefix_masks(self, conversations: list[list[dict]]) -> list[tuple[list[int], np.ndarray] | BadRecord]:
+        rendered: list[tuple[str, list] | BadRecord] = []
         for messages in conversations:
             try:
                 rendered.append(self._assistant_spans(messages))
-            except _Bad as bad:
+            except BadRecord as bad:
                 rendered.append(bad)
-        texts = [r[0] for r in rendered if not isinstance(r, _Bad)]
+        texts = [r[0] for r in rendered if not isinstance(r, BadRecord)]
         # Same call apply_chat_template(tokenize=True) makes: the template already holds the special tokens.
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
         out: list = []
         k = 0
         for r in rendered:
-            if isinstance(r, _Bad):
+            if isinstance(r, BadRecord):
                 out.append(r)
                 continue
             ids, offsets = enc["input_ids"][k], np.asarray(enc["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)
@@ -389,7 +391,7 @@ class SampleEncoder:
                 try:
                     results.append(self._generation_masks([messages])[0])
                 except Exception as exc:  # noqa: BLE001 - reported per sample as a Rejected with the cause
-                    results.append(_Bad("template", f"the chat template failed: {type(exc).__name__}: {exc}"))
+                    results.append(BadRecord("template", f"the chat template failed: {type(exc).__name__}: {exc}"))
             return results
 
     # -- common -----------------------------------------------------------------------------------------------------
@@ -428,7 +430,7 @@ class SampleEncoder:
                 else:
                     payloads.append(record_to_messages(record, self.fmt))
                 todo.append(n)
-            except _Bad as bad:
+            except BadRecord as bad:
                 results[n] = Rejected(bad.reason, bad.message)
         if not todo:
             return results  # type: ignore[return-value]
@@ -439,7 +441,7 @@ class SampleEncoder:
                 results[n] = self._finish(ids, None)
         else:
             for n, item in zip(todo, self._encode_conversations(payloads), strict=True):
-                if isinstance(item, _Bad):
+                if isinstance(item, BadRecord):
                     results[n] = Rejected(item.reason, item.message)
                 else:
                     results[n] = self._finish(*item)
@@ -447,15 +449,17 @@ class SampleEncoder:
 
 
 def parse_json_line(raw: bytes) -> Any:
-    """Decode one jsonl line (UTF-8, BOM and CR already handled by the reader); raises ``_Bad`` when unusable."""
+    """Decode one jsonl line (UTF-8, BOM and CR already handled by the reader); raises ``BadRecord`` when unusable."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Bad("bad_encoding", f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from exc
+        raise BadRecord(
+            "bad_encoding", f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+        ) from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _Bad("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})") from exc
+        raise BadRecord("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})") from exc
 
 
 def encode_raw_batch(encoder: SampleEncoder, payloads: list) -> list[Encoded | Rejected]:
@@ -465,7 +469,7 @@ def encode_raw_batch(encoder: SampleEncoder, payloads: list) -> list[Encoded | R
         if isinstance(payload, bytes):
             try:
                 payload = parse_json_line(payload)
-            except _Bad as bad:
+            except BadRecord as bad:
                 results[n] = Rejected(bad.reason, bad.message)
                 continue
         records.append(payload)

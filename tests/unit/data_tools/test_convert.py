@@ -251,3 +251,12 @@ def test_multiple_inputs_and_format_detection_errors(tmp_path, tiny_tokenizer):
         convert(odd, tmp_path / "o", tiny_tokenizer, progress=False)
     with pytest.raises(ConversionError, match="input file not found"):
         convert(tmp_path / "missing.jsonl", tmp_path / "m", tiny_tokenizer, progress=False)
+
+
+def test_auto_detection_looks_past_a_malformed_first_line(tmp_path, tiny_tokenizer):
+    src = tmp_path / "m.jsonl"
+    src.write_text('{"instruction": oops\n' + json.dumps(ALPACA[0]) + "\n")
+    res = convert(src, tmp_path / "m", tiny_tokenizer, on_error="skip", progress=False)
+    assert res.meta["format"] == "alpaca" and res.meta["skipped"]["by_reason"] == {"malformed_json": 1}
+    with pytest.raises(ConversionError, match=r"m.jsonl:1: malformed JSON .*\(format alpaca\)"):
+        convert(src, tmp_path / "m2", tiny_tokenizer, progress=False)

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from data_tools import formats
@@ -176,7 +178,25 @@ def test_prefix_method_rejects_non_prefix_stable_template(tiny_tokenizer_dir):
 
 def test_parse_json_line_errors():
     assert formats.parse_json_line(b'{"a": 1}') == {"a": 1}
-    with pytest.raises(formats._Bad, match="malformed JSON"):
+    with pytest.raises(formats.BadRecord, match="malformed JSON"):
         formats.parse_json_line(b'{"a": 1')
-    with pytest.raises(formats._Bad, match="not valid UTF-8"):
+    with pytest.raises(formats.BadRecord, match="not valid UTF-8"):
         formats.parse_json_line(b'{"a": "\xff"}')
+
+
+_WORDS = st.text(alphabet="abcdefghij klmnop,.?!0123", min_size=1, max_size=30).map(lambda s: "x" + s.rstrip())
+_TURN = st.tuples(st.sampled_from(["user", "tool"]), _WORDS, _WORDS)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(system=st.one_of(st.none(), _WORDS), turns=st.lists(_TURN, min_size=1, max_size=4))
+def test_masks_property_both_methods_agree_and_cover_assistant_text(
+    tiny_tokenizer, no_generation_tokenizer, system, turns
+):
+    messages = [{"role": "system", "content": system}] if system else []
+    for role, prompt, answer in turns:
+        messages += [{"role": role, "content": prompt}, {"role": "assistant", "content": answer}]
+    (a,) = SampleEncoder(tiny_tokenizer, "messages").encode_batch([{"messages": messages}])
+    (b,) = SampleEncoder(no_generation_tokenizer, "messages").encode_batch([{"messages": messages}])
+    assert a.ids.tolist() == b.ids.tolist() and a.mask.tolist() == b.mask.tolist()
+    assert _masked_pieces(tiny_tokenizer, a.ids, a.mask) == [f"{t[2]}<|im_end|>" for t in turns]
