@@ -1,0 +1,76 @@
+"""Run a training script under torch.profiler and write a table of its top ops (for when a speed target is missed).
+
+    deepspeed --num_gpus 1 benchmarks/profile_step.py --out prof/ -- finetune/full.py model.name_or_path=... ...
+    deepspeed --num_gpus 1 benchmarks/profile_step.py --out prof/ -- benchmarks/peer_hf_trainer.py --model ... ...
+
+The wrapped script is not changed: the profiler advances on a global optimizer post-step hook
+(``torch.optim.optimizer.register_optimizer_step_post_hook``), which fires for every ``torch.optim.Optimizer`` —
+also the one DeepSpeed's ZeRO optimizer wraps — so the same wrapper serves dsft and the HF Trainer. It skips
+``--wait`` steps (warm-up, allocator growth), records ``--active`` steps, and rank 0 writes ``top_ops.txt`` (sorted
+by self device time on a GPU, self CPU time otherwise) and a Chrome trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for top_ops.txt and trace.json (rank 0)")
+    p.add_argument("--wait", type=int, default=3, help="optimizer steps skipped before recording")
+    p.add_argument("--active", type=int, default=3, help="optimizer steps recorded")
+    p.add_argument("--rows", type=int, default=30, help="ops in the table")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("script", help="the training script, then its own arguments after --")
+    p.add_argument("script_args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    script_args = [a for a in args.script_args if a != "--"] if args.script_args[:1] == ["--"] else args.script_args
+    if args.local_rank >= 0:
+        script_args = [f"--local_rank={args.local_rank}", *script_args]  # what the launcher would have passed
+    out = Path(args.out)
+    rank = int(os.environ.get("RANK", "0"))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+
+    def on_ready(prof: torch.profiler.profile) -> None:
+        if rank != 0:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages().table(sort_by=sort_key, row_limit=args.rows)
+        (out / "top_ops.txt").write_text(f"{args.active} optimizer steps of {args.script}, rank 0\n\n{table}\n")
+        prof.export_chrome_trace(str(out / "trace.json"))
+
+    prof = torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=args.wait, warmup=1, active=args.active, repeat=1),
+        on_trace_ready=on_ready,
+        record_shapes=False,
+    )
+    torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: prof.step())
+    sys.argv = [args.script, *script_args]
+    prof.start()
+    try:
+        runpy.run_path(args.script, run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    finally:
+        prof.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
