@@ -66,6 +66,8 @@ class FirstFitPacker:
                     self._room.pop(i)
                     return [self._rows.pop(i)]
                 return []
+        if length == self.capacity:  # a sample that fills a row alone: emit it now, keep the open rows
+            return [[item]]
         self._rows.append([item])
         self._room.append(self.capacity - length)
         if len(self._rows) > self.window:

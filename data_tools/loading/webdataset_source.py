@@ -36,7 +36,15 @@ class WebDatasetSource:
             raise ValueError(f"{self.index_path}: cannot read the WebDataset index ({e})") from e
         if index.get("format") != INDEX_FORMAT:
             raise ValueError(f"{self.index_path}: format {index.get('format')!r}, expected {INDEX_FORMAT!r}")
-        self.shards = [str((self.index_path.parent / s["path"]).resolve()) for s in index["shards"]]
+        root = self.index_path.parent.resolve()
+        self.shards = [str((root / s["path"]).resolve()) for s in index["shards"]]
+        for entry, path in zip(index["shards"], self.shards, strict=True):
+            # An index may come from elsewhere: never let it point the reader at files outside its own folder.
+            if not Path(path).is_relative_to(root):
+                raise ValueError(
+                    f"{self.index_path}: shard path {entry['path']!r} resolves outside the index folder {root}; "
+                    "shard paths must be relative and stay inside it"
+                )
         self.samples = [int(s["samples"]) for s in index["shards"]]
         self.has_loss_mask = bool(index.get("has_loss_mask", False))
         self.total_samples = int(index.get("total_samples", sum(self.samples)))
@@ -90,16 +98,25 @@ def epoch_batches(source: WebDatasetSource, slots: list[list[int]], cfg) -> int:
     b, t = cfg.micro_batch_size, cfg.seq_len
     if cfg.packing == "packed":
         lengths = source.sample_lengths()
-        per_slot = [math.ceil(sum(int(np.minimum(lengths[i], t).sum()) for i in s) / (b * t)) for s in slots]
+        # text documents are cut into pieces (all tokens count), SFT samples truncated to seq_len
+        cap = None if not source.has_loss_mask else t
+        per_slot = [
+            math.ceil(sum(int(np.minimum(lengths[i], cap or lengths[i]).sum()) for i in s) / (b * t)) for s in slots
+        ]
     else:
         per_slot = [math.ceil(sum(source.samples[i] for i in s) / b) for s in slots]
     return max(1, cfg.num_workers) * max(per_slot)
 
 
 def _decode(sample: dict) -> tuple[str, np.ndarray, np.ndarray | None]:
-    ids = np.load(io.BytesIO(sample["input_ids.npy"]))
+    key = sample["__key__"]
+    if key.startswith("/") or ".." in key.split("/"):
+        # Harmless to us (nothing is extracted to disk) but the sign of a crafted shard: refuse it loudly.
+        raise ValueError(f"{sample.get('__url__')}: tar member key {key!r} is absolute or contains '..'; refusing")
+    # allow_pickle=False (np.load's default) keeps a crafted .npy from running code.
+    ids = np.load(io.BytesIO(sample["input_ids.npy"]), allow_pickle=False)
     lm = sample.get("loss_mask.npy")
-    return sample["__key__"], ids, (np.load(io.BytesIO(lm)) if lm is not None else None)
+    return key, ids, (np.load(io.BytesIO(lm), allow_pickle=False) if lm is not None else None)
 
 
 class WebDatasetStream(IterableDataset):
@@ -140,8 +157,12 @@ class WebDatasetStream(IterableDataset):
         if cfg.packing == "packed":
             packer, rows = FirstFitPacker(t, cfg.pack_window), []
             for _key, ids, lm in samples:
-                ids, lm = ids[:t], (lm[:t] if lm is not None else None)
-                rows.extend(packer.add((ids, lm), len(ids)))
+                if lm is None:  # text: a long document is cut into row-sized pieces, not truncated (nothing lost)
+                    pieces = [(ids[i : i + t], None) for i in range(0, len(ids), t)]
+                else:  # SFT: a sample is never split; an over-long one is truncated
+                    pieces = [(ids[:t], lm[:t])]
+                for piece in pieces:
+                    rows.extend(packer.add(piece, len(piece[0])))
                 while len(rows) >= b:
                     yield collate_packed(rows[:b], t, cfg.pad_id, cfg.attention)
                     rows = rows[b:]
