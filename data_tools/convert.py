@@ -38,7 +38,7 @@ from data_tools import indexed
 from data_tools.formats import FORMATS, SFT_FORMATS, BadRecord, Encoded, FormatError, SampleEncoder, detect_format
 from data_tools.formats import encode_raw_batch as _encode_raw_batch
 from data_tools.formats import parse_json_line as _parse_json_line
-from data_tools.meta import META_VERSION, meta_path, tokenizer_fingerprint, write_meta
+from data_tools.meta import META_VERSION, meta_path, read_meta, tokenizer_fingerprint, vocab_hash, write_meta
 
 LOSS_MASK_SUFFIX = "_loss_mask"
 CHUNK_RECORDS = 1024  # records per work unit: large enough to amortise IPC and batch encoding, small for latency
@@ -481,6 +481,59 @@ def convert(
         seconds=seconds,
         stats=stats,
     )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, as recorded in ``meta["sources"]``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_conversion_current(
+    output_prefix: str | os.PathLike,
+    inputs: list[str | os.PathLike] | str | os.PathLike,
+    tokenizer,
+    **options: Any,
+) -> bool:
+    """True when ``output_prefix`` already holds a finished conversion of exactly these inputs with this tokenizer.
+
+    For callers that convert on the fly into a cache (the engine): the inputs' sha256, the tokenizer's vocab hash and
+    the options that change the ids must all match the meta, so an edited file or another tokenizer re-converts.
+
+    Args:
+        output_prefix: the cache prefix.
+        inputs: the raw files, in order.
+        tokenizer: the tokenizer (object or path / id).
+        **options: the :func:`convert` keyword options to compare (``fmt``, ``text_key``, ``append_eod``,
+            ``max_length``, ``over_length``, ``on_error``); ``fmt="auto"`` matches any detected format.
+    """
+    keys = {"fmt": "format", "text_key": "text_key", "append_eod": "append_eod", "max_length": "max_length"}
+    keys.update(over_length="over_length", on_error="on_error")
+    unknown = sorted(set(options) - set(keys))
+    if unknown:
+        raise TypeError(f"is_conversion_current: unknown option(s) {unknown}; expected some of {sorted(keys)}")
+    if not (meta_path(output_prefix).is_file() and indexed.exists(output_prefix)):
+        return False
+    meta = read_meta(output_prefix)
+    if meta.get("has_loss_mask") and not indexed.exists(f"{output_prefix}{LOSS_MASK_SUFFIX}"):
+        return False
+    paths = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+    recorded = [s.get("sha256") for s in meta.get("sources", [])]
+    if recorded != [file_sha256(p) for p in paths]:
+        return False
+    if meta.get("tokenizer", {}).get("vocab_hash") != vocab_hash(_load_tokenizer(tokenizer)):
+        return False
+    for option, value in options.items():
+        if option == "fmt" and value == "auto":
+            continue
+        if option == "text_key" and meta.get("format") != "text":
+            continue
+        if meta.get(keys[option]) != value:
+            return False
+    return True
 
 
 def _progress_bar(enabled: bool):

@@ -260,3 +260,22 @@ def test_auto_detection_looks_past_a_malformed_first_line(tmp_path, tiny_tokeniz
     assert res.meta["format"] == "alpaca" and res.meta["skipped"]["by_reason"] == {"malformed_json": 1}
     with pytest.raises(ConversionError, match=r"m.jsonl:1: malformed JSON .*\(format alpaca\)"):
         convert(src, tmp_path / "m2", tiny_tokenizer, progress=False)
+
+
+def test_is_conversion_current(tmp_path, tiny_tokenizer):
+    from data_tools.convert import is_conversion_current
+    from finetune.tiny import train_tokenizer
+
+    src = _write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    assert not is_conversion_current(tmp_path / "c", src, tiny_tokenizer)
+    convert(src, tmp_path / "c", tiny_tokenizer, max_length=512, over_length="truncate", progress=False)
+    assert is_conversion_current(tmp_path / "c", src, tiny_tokenizer, fmt="auto", max_length=512)
+    assert is_conversion_current(tmp_path / "c", [src], tiny_tokenizer, fmt="alpaca", over_length="truncate")
+    assert not is_conversion_current(tmp_path / "c", src, tiny_tokenizer, max_length=1024)
+    assert not is_conversion_current(tmp_path / "c", src, tiny_tokenizer, fmt="messages")
+    other = train_tokenizer(tmp_path / "other_tok", ["zebra yak quokka"] * 30)
+    assert not is_conversion_current(tmp_path / "c", src, other)
+    _write_jsonl(src, ALPACA[:2])  # the raw file changed
+    assert not is_conversion_current(tmp_path / "c", src, tiny_tokenizer)
+    with pytest.raises(TypeError, match="unknown option"):
+        is_conversion_current(tmp_path / "c", src, tiny_tokenizer, workers=2)
