@@ -311,11 +311,20 @@ class SampleEncoder:
         if mask_method == "generation" and not has_generation_tags(self.template):
             raise FormatError("mask_method 'generation' needs a chat template with {% generation %} tags")
         self.mask_method = mask_method if fmt in SFT_FORMATS else None
+        self._rust_text: bool | None = None  # decided on the first text batch
 
     # -- text -------------------------------------------------------------------------------------------------------
     def _encode_texts(self, texts: list[str]) -> list[list[int]]:
-        if getattr(self.tokenizer, "is_fast", False):
-            # The Rust batch encoder without offsets: what tokenizer(text) computes, minus Python overhead per call.
+        if self._rust_text is None:
+            # The Rust batch encoder without offsets computes what tokenizer(text) does, minus the Python work per
+            # call; a tokenizer whose Python side changes the ids (rare) is caught here on the first batch.
+            rust = bool(getattr(self.tokenizer, "is_fast", False))
+            if rust:
+                probe = texts[:8]
+                rust_ids = [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(probe)]
+                rust = rust_ids == self.tokenizer(probe)["input_ids"]
+            self._rust_text = rust
+        if self._rust_text:
             return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=True)]
         return self.tokenizer(texts)["input_ids"]
 

@@ -62,7 +62,7 @@ def test_text_matches_tokenizer_and_appends_eod(tiny_tokenizer):
     enc = SampleEncoder(tiny_tokenizer, "text", dtype=np.uint16, append_eod=True)
     out = enc.encode_batch([{"text": t} for t in texts])
     eod = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    assert enc.eod == eod
+    assert enc.eod == eod and enc._rust_text is True  # the Rust batch path is taken and gives the same ids
     for t, e in zip(texts, out, strict=True):
         assert isinstance(e, Encoded) and e.mask is None and e.ids.dtype == np.uint16
         assert e.ids.tolist() == tiny_tokenizer(t)["input_ids"] + [eod]
@@ -200,3 +200,21 @@ def test_masks_property_both_methods_agree_and_cover_assistant_text(
     (b,) = SampleEncoder(no_generation_tokenizer, "messages").encode_batch([{"messages": messages}])
     assert a.ids.tolist() == b.ids.tolist() and a.mask.tolist() == b.mask.tolist()
     assert _masked_pieces(tiny_tokenizer, a.ids, a.mask) == [f"{t[2]}<|im_end|>" for t in turns]
+
+
+def test_text_falls_back_to_tokenizer_call_when_rust_ids_differ(tiny_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    # A tokenizer whose Python __call__ changes the ids (here: prepends an id) must not be bypassed.
+    original_call = type(tok).__call__
+
+    class Prepending(type(tok)):
+        def __call__(self, text, *args, **kwargs):
+            out = original_call(self, text, *args, **kwargs)
+            out["input_ids"] = [[7, *ids] for ids in out["input_ids"]]
+            return out
+
+    tok.__class__ = Prepending
+    enc = SampleEncoder(tok, "text")
+    (e,) = enc.encode_batch([{"text": "hello world"}])
+    assert enc._rust_text is False and e.ids.tolist() == tok(["hello world"])["input_ids"][0]
+    assert e.ids[0] == 7
