@@ -18,18 +18,25 @@ progress*. A rank that is alive but blocked keeps its heartbeat fresh; a killed 
 timeout the ranks with stale (or missing) heartbeats are the lost ones; if none is stale, a rank is stuck (a hung
 data read, a deadlock) rather than dead, and the message says so.
 
-Worst-case time from a peer's death to this process exiting: ``min(collective timeout, timeout_s + heartbeat_s)``.
+3. **A guard around the loop** (:meth:`StepWatchdog.guard`): when a collective *raises* because a peer is gone
+   (gloo's "Connection closed by peer", NCCL's aborted communicator; see :func:`is_peer_loss`) it prints the same
+   message and exits with :data:`EXIT_PEER_LOST` instead of a 40-line traceback.
+
+Time from a peer's death to the survivors exiting: gloo, about the time to reach the next collective plus up to
+``4 * heartbeat_s`` to confirm which rank is gone (measured in ``tests/reliability``); NCCL or any hang, at most
+``min(collective timeout, timeout_s + heartbeat_s)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from finetune import distributed as dist
@@ -38,6 +45,54 @@ from finetune import distributed as dist
 EXIT_STEP_TIMEOUT = 86
 #: Exit code the engine should use when a collective raised because a peer is gone (see :meth:`report_and_exit`).
 EXIT_PEER_LOST = 87
+
+
+# What torch.distributed raises in a survivor when a peer process dies: gloo closes the TCP pair at once; NCCL
+# reports through its own watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING) after the process-group timeout.
+_PEER_LOSS_PATTERNS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "remote worker crashing",
+    "nccl communicator was aborted",
+    "watchdog caught collective operation timeout",
+    "socket timeout",
+    "timed out waiting",  # gloo: "Timed out waiting 1800000ms for recv operation to complete"
+)
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """True when ``exc`` is a collective failure caused by a lost peer (not a bug in this rank's code)."""
+    import torch.distributed as tdist
+
+    if isinstance(exc, tdist.DistError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(p in text for p in _PEER_LOSS_PATTERNS)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    # A zombie (killed, not yet reaped by its launcher) is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except OSError:
+        return True
 
 
 class StepWatchdog:
@@ -81,8 +136,10 @@ class StepWatchdog:
     ) -> None:
         self.timeout_s = float(timeout_s)
         self.on_timeout = on_timeout
-        self.heartbeat_dir = Path(heartbeat_dir) if heartbeat_dir is not None else None
         self.ckpt_root = Path(ckpt_root) if ckpt_root is not None else None
+        if heartbeat_dir is None and self.ckpt_root is not None:
+            heartbeat_dir = self.ckpt_root.parent / "heartbeat"  # output_dir/heartbeat next to output_dir/checkpoints
+        self.heartbeat_dir = Path(heartbeat_dir) if heartbeat_dir is not None else None
         self.rank = dist.rank() if rank is None else rank
         self.world_size = dist.world_size() if world_size is None else world_size
         self.heartbeat_s = float(heartbeat_s)
@@ -96,7 +153,8 @@ class StepWatchdog:
         self.fired = False
         if self.heartbeat_dir is not None:
             self.heartbeat_dir.mkdir(parents=True, exist_ok=True)
-        if self.timeout_s > 0:
+        if self.timeout_s > 0 or self.heartbeat_dir is not None:
+            # The thread also runs with the step timeout disabled: peers need this rank's heartbeat to name it lost.
             self._write_heartbeat()
             self._thread = threading.Thread(target=self._run, name=f"dsft-watchdog-rank{self.rank}", daemon=True)
             self._thread.start()
@@ -124,23 +182,39 @@ class StepWatchdog:
             self._write_heartbeat(finished=True)
 
     # ---------------------------------------------------------------- fault reporting
-    def lost_ranks(self) -> list[int]:
-        """Ranks whose heartbeat is missing or stale (older than ``3 * heartbeat_s``), this rank excluded."""
+    def lost_ranks(self, grace_s: float = 0.0) -> list[int]:
+        """Ranks that are gone, this rank excluded.
+
+        A rank is gone when its heartbeat file is missing, its process no longer exists (same host: checked
+        directly), or its heartbeat is older than ``3 * heartbeat_s``. Right after a peer died its heartbeat is still
+        fresh, so with ``grace_s`` > 0 the check is repeated until a rank is found or ``grace_s`` has passed.
+
+        Args:
+            grace_s: How long to keep looking when no rank is found gone yet.
+        """
         if self.heartbeat_dir is None:
             return []
-        now = time.time()
-        lost = []
-        for r in range(self.world_size):
-            if r == self.rank:
-                continue
-            try:
-                hb = json.loads((self.heartbeat_dir / f"rank_{r:05d}.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                lost.append(r)
-                continue
-            if not hb.get("finished") and now - float(hb.get("alive_unix", 0)) > 3 * self.heartbeat_s:
-                lost.append(r)
-        return lost
+        deadline = time.monotonic() + grace_s
+        host = socket.gethostname()
+        while True:
+            now, lost = time.time(), []
+            for r in range(self.world_size):
+                if r == self.rank:
+                    continue
+                try:
+                    hb = json.loads((self.heartbeat_dir / f"rank_{r:05d}.json").read_text())
+                except (OSError, json.JSONDecodeError):
+                    lost.append(r)
+                    continue
+                if hb.get("finished"):
+                    continue
+                if hb.get("host") == host and not _pid_alive(int(hb.get("pid", 0))):
+                    lost.append(r)
+                elif now - float(hb.get("alive_unix", 0)) > 3 * self.heartbeat_s:
+                    lost.append(r)
+            if lost or time.monotonic() >= deadline:
+                return lost
+            time.sleep(min(0.2, self.heartbeat_s))
 
     def resume_hint(self) -> str:
         """The checkpoint to resume from, as text for the message."""
@@ -155,11 +229,11 @@ class StepWatchdog:
             return "no complete checkpoint yet: a restart starts from step 0"
         return f"resume from {ckpt} (restart the same command; train.resume=auto picks it up)"
 
-    def message(self, reason: str) -> str:
-        """The one-paragraph report printed before exiting."""
+    def message(self, reason: str, grace_s: float = 0.0) -> str:
+        """The one-paragraph report printed before exiting (``grace_s``: see :meth:`lost_ranks`)."""
         with self._lock:
             step = self._last_step
-        lost = self.lost_ranks()
+        lost = self.lost_ranks(grace_s)
         if lost:
             who = f"lost rank(s) {', '.join(map(str, lost))} (heartbeat stopped)"
         elif self.heartbeat_dir is not None:
@@ -179,7 +253,8 @@ class StepWatchdog:
         """
         self.fired = True
         self._stop.set()
-        msg = self.message(reason)
+        # A collective fails the moment a peer's socket closes, before its heartbeat can go stale: allow for that.
+        msg = self.message(reason, grace_s=4 * self.heartbeat_s if code == EXIT_PEER_LOST else 0.0)
         print(msg, file=sys.stderr, flush=True)
         if self.on_timeout is not None:
             try:
@@ -188,6 +263,24 @@ class StepWatchdog:
                 print(f"[dsft watchdog] on_timeout callback failed: {e!r}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         self._exit(code)
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Turn a collective that failed because a peer is gone into the same report and a distinct exit code.
+
+        Wrap the training loop (and the final save) in it::
+
+            with watchdog.guard():
+                while step < total_steps: ...
+
+        Any other exception propagates unchanged.
+        """
+        try:
+            yield
+        except Exception as e:
+            if not is_peer_loss(e):
+                raise
+            self.report_and_exit(f"a collective failed because a peer is gone ({_first_line(e)})", EXIT_PEER_LOST)
 
     # ---------------------------------------------------------------- thread
     def _write_heartbeat(self, finished: bool = False) -> None:
@@ -222,7 +315,7 @@ class StepWatchdog:
                 next_hb = now + self.heartbeat_s
             with self._lock:
                 idle = now - self._last_beat
-            if idle > self.timeout_s:
+            if self.timeout_s > 0 and idle > self.timeout_s:
                 self.report_and_exit(
                     f"no training step finished for {idle:.0f}s (train.step_timeout_s={self.timeout_s:g})",
                     EXIT_STEP_TIMEOUT,

@@ -313,3 +313,29 @@ def test_watchdog_really_exits_the_process(tmp_path):
     )
     assert proc.returncode == EXIT_STEP_TIMEOUT
     assert "rank 3/4" in proc.stderr and "last completed step 17" in proc.stderr
+
+
+def test_guard_reports_a_lost_peer_by_pid_and_reraises_other_errors(tmp_path):
+    from finetune.watchdog import EXIT_PEER_LOST, is_peer_loss
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    hb = tmp_path / "hb"
+    hb.mkdir()
+    (hb / "rank_00001.json").write_text(
+        json.dumps({"rank": 1, "host": socket.gethostname(), "pid": dead.pid, "alive_unix": time.time()})
+    )
+    codes, messages = [], []
+    wd = StepWatchdog(0, messages.append, heartbeat_dir=hb, rank=0, world_size=2, heartbeat_s=0.2, exit_fn=codes.append)
+    wd.beat(9)
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:12693. This is ...")
+    assert is_peer_loss(gloo) and not is_peer_loss(ValueError("Connection closed by peer"))
+    t0 = time.monotonic()
+    with wd.guard():
+        raise gloo
+    assert codes == [EXIT_PEER_LOST]
+    assert time.monotonic() - t0 < 1.0, "a dead pid on this host is recognised without waiting for staleness"
+    assert "lost rank(s) 1" in messages[0] and "last completed step 9" in messages[0]
+    with pytest.raises(ValueError, match="not a peer"), wd.guard():
+        raise ValueError("not a peer loss")
+    wd.stop()
