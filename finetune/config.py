@@ -1,0 +1,439 @@
+"""The training configuration: one typed dataclass tree, loaded from YAML, overridden by ``key=value`` arguments.
+
+Every value lives in exactly one place. ``load_config`` builds the tree (unknown keys and wrong types fail with the
+dotted key named), and ``Config.validate`` is the ONE place where cross-field rules live; it runs before any process
+group or model exists, so a bad config fails in seconds, not after a 40-second launch.
+
+    cfg = load_config("finetune/configs/lora.yaml", ["train.lr=1e-4", "zero.stage=3"])
+    plan = cfg.validate(world_size=2)          # -> ds_configs.batch.BatchPlan
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key and says what to do."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, factory=None) -> Any:
+    """A dataclass field carrying ``help`` (shown by ``describe``) and optional ``choices`` (checked on load)."""
+    meta = {"help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("", "Hugging Face hub id or local directory of the base model (from_pretrained).")
+    dtype: str = _f(
+        "auto",
+        "Dtype the weights are loaded in; 'auto' follows `precision` (bf16 -> bfloat16, fp16 -> float16, fp32 -> float32).",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    attn_implementation: str = _f(
+        "auto", "Attention kernel: auto | sdpa | eager | flash_attention_2 | flex_attention (auto picks per device)."
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% more compute.")
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the model repo (only for repos you trust).")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "Training data: mmap prefix (x for x.bin/x.idx), WebDataset index.json, or raw .jsonl/.json.")
+    eval: str | None = _f(None, "Evaluation data (same kinds as data.train); null disables evaluation.")
+    format: str = _f(
+        "auto", "Format of raw .jsonl/.json input for the converter: auto | text | alpaca | sharegpt | messages."
+    )
+    seq_len: int = _f(1024, "Tokens per training row (packed rows are filled up to this length).")
+    packing: str = _f(
+        "auto",
+        "Row building: packed (no cross-sample attention), padding, bucket; auto = packed, or padding for "
+        "prefix/prompt tuning (their virtual tokens need a 2-D attention mask).",
+        ("auto", "packed", "padding", "bucket"),
+    )
+    cache_dir: str | None = _f(
+        None, "Where raw .jsonl/.json is converted to mmap once; default <output_dir>/data_cache."
+    )
+    num_workers: int = _f(0, "DataLoader worker processes per rank (the data is mmap'ed ids, 0 is usually enough).")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(0, "Optimizer steps to run; 0 = derive from train.epochs.")
+    epochs: float = _f(1.0, "Passes over data.train when train.max_steps is 0.")
+    micro_batch_size: int | None = _f(None, "Rows per rank per forward pass.")
+    grad_accum: int | None = _f(None, "Micro-batches accumulated per optimizer step.")
+    global_batch: int | None = _f(
+        None, "Rows per optimizer step over all ranks = micro_batch_size x grad_accum x world."
+    )
+    lr: float = _f(2e-5, "Peak learning rate (AdamW).")
+    lr_scheduler: str = _f("cosine", "Decay after warmup.", ("cosine", "linear", "constant"))
+    min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of train.lr (cosine/linear).")
+    warmup: float = _f(0.03, "Linear warmup: a fraction of the total steps if < 1, else a number of steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (never applied to biases and norm weights).")
+    adam_betas: list[float] = _f(help="AdamW betas.", factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = _f(1.0, "Global gradient-norm clip; 0 disables clipping.")
+    seed: int = _f(42, "Seed for model init (PEFT), data order and dropout.")
+    eval_every: int = _f(0, "Evaluate on data.eval every N steps (0 = only at the end).")
+    save_every: int = _f(0, "Write a resumable checkpoint every N steps (0 = none).")
+    log_every: int = _f(1, "Write a metrics.jsonl row every N steps.")
+    keep_last: int = _f(2, "Checkpoints kept under output_dir/checkpoints (older ones are pruned).")
+    resume: str = _f("auto", "auto = newest complete checkpoint in output_dir if any; never; or a checkpoint path.")
+    collective_timeout_s: int = _f(1800, "Timeout of one collective (process-group timeout) in seconds.")
+    step_timeout_s: int = _f(0, "Abort when one step takes longer than this (hang watchdog); 0 disables it.")
+    max_bad_steps: int = _f(5, "Abort after this many consecutive steps with a non-finite loss or gradient norm.")
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = _f(2, "ZeRO stage: 0 (DDP), 1 (optimizer states), 2 (+gradients), 3 (+parameters).", (0, 1, 2, 3))
+    offload_optimizer: str = _f("none", "Optimizer states to cpu or nvme (stage >= 1).", ("none", "cpu", "nvme"))
+    offload_params: str = _f("none", "Parameters to cpu or nvme (stage 3 only).", ("none", "cpu", "nvme"))
+    nvme_path: str | None = _f(None, "Directory on a fast local NVMe drive for nvme offload.")
+
+
+@dataclass
+class LoraMethodConfig:
+    r: int = _f(8, "LoRA rank.")
+    alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    target_modules: list[str] | str = _f(
+        "all-linear", "Modules that get adapters: a list of names, or 'all-linear' (every Linear but the LM head)."
+    )
+
+
+@dataclass
+class QLoraMethodConfig:
+    bits: int = _f(4, "Base-weight quantization: 4 (NF4) or 8 (LLM.int8).", (4, 8))
+    quant_type: str = _f("nf4", "4-bit data type.", ("nf4", "fp4"))
+    double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+
+
+@dataclass
+class PrefixMethodConfig:
+    num_virtual_tokens: int = _f(16, "Prefix length: key/value vectors prepended at every layer (P-Tuning v2).")
+    prefix_projection: bool = _f(False, "Reparameterize the prefix through a 2-layer MLP (more stable on big models).")
+
+
+@dataclass
+class PromptMethodConfig:
+    num_virtual_tokens: int = _f(16, "Soft-prompt length prepended to the input embeddings.")
+    init_text: str | None = _f(None, "Initialize the soft prompt from the embeddings of this text (else random).")
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f(
+        "full", "What is trained: full | lora | qlora | prefix | prompt.", ("full", "lora", "qlora", "prefix", "prompt")
+    )
+    lora: LoraMethodConfig = _f(help="LoRA adapter shape (also used by qlora).", factory=LoraMethodConfig)
+    qlora: QLoraMethodConfig = _f(help="Quantization of the frozen base for qlora.", factory=QLoraMethodConfig)
+    prefix: PrefixMethodConfig = _f(help="P-Tuning v2 (deep prefix tuning).", factory=PrefixMethodConfig)
+    prompt: PromptMethodConfig = _f(help="Prompt tuning (soft prompt on the input only).", factory=PromptMethodConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = _f(help="Base model.", factory=ModelConfig)
+    data: DataConfig = _f(help="Training and evaluation data.", factory=DataConfig)
+    train: TrainConfig = _f(help="Optimization, schedule, logging, checkpoints.", factory=TrainConfig)
+    zero: ZeroConfig = _f(help="DeepSpeed ZeRO stage and offload.", factory=ZeroConfig)
+    method: MethodConfig = _f(help="Fine-tuning method and its settings.", factory=MethodConfig)
+    output_dir: str = _f("", "Run directory: checkpoints/, final/, metrics.jsonl, loss.png, tensorboard/.")
+    precision: str = _f(
+        "auto", "Training precision; auto = bf16 where supported, else fp32.", ("auto", "bf16", "fp16", "fp32")
+    )
+    tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs for fp32 math (no effect on CPU).")
+    deepspeed: str | None = _f(None, 'Your own DeepSpeed JSON; its "auto" values are filled from this config.')
+
+    @property
+    def is_peft(self) -> bool:
+        """True when only adapter / prompt parameters train (the final output is a PEFT adapter folder)."""
+        return self.method.name != "full"
+
+    @property
+    def packing(self) -> str:
+        """``data.packing`` with ``auto`` resolved for the method."""
+        if self.data.packing != "auto":
+            return self.data.packing
+        return "padding" if self.method.name in ("prefix", "prompt") else "packed"
+
+    def validate(self, world_size: int):
+        """Check every cross-field rule and resolve the batch plan; raise ``ConfigError`` naming the key.
+
+        Args:
+            world_size: number of data-parallel ranks the run will have.
+
+        Returns:
+            The ``ds_configs.batch.BatchPlan`` (micro batch, accumulation, world size, global batch).
+        """
+        from ds_configs.batch import resolve_batch
+
+        if not self.model.name_or_path:
+            raise ConfigError("model.name_or_path is empty: set it to a hub id or a local model directory")
+        if not self.data.train:
+            raise ConfigError("data.train is empty: set it to an mmap prefix, a WebDataset index.json or a .jsonl file")
+        if not self.output_dir:
+            raise ConfigError("output_dir is empty: set output_dir=DIR (checkpoints and final weights go there)")
+        t = self.train
+        if t.max_steps < 0 or (t.max_steps == 0 and t.epochs <= 0):
+            raise ConfigError("train.max_steps / train.epochs: set train.max_steps > 0 or train.epochs > 0")
+        for key in ("lr",):
+            if getattr(t, key) <= 0:
+                raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
+        for key in ("log_every", "keep_last", "max_bad_steps"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
+        for key in ("eval_every", "save_every", "step_timeout_s", "max_grad_norm", "weight_decay", "warmup"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
+        if t.resume not in ("auto", "never") and not Path(t.resume).exists():
+            raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint; use auto, never or an existing path")
+        if self.data.seq_len < 8:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} is too short; use >= 8 (typically 512-8192)")
+        self._validate_precision()
+        self._validate_zero()
+        self._validate_method()
+        try:
+            return resolve_batch(
+                world_size=world_size,
+                micro_batch_size=t.micro_batch_size,
+                grad_accum=t.grad_accum,
+                global_batch=t.global_batch,
+            )
+        except (ValueError, TypeError) as e:
+            raise ConfigError(
+                f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x world_size="
+                f"{world_size} vs train.global_batch={t.global_batch}: {e}"
+            ) from e
+
+    def _validate_precision(self) -> None:
+        wants = {"bfloat16": "bf16", "float16": "fp16"}.get(self.model.dtype)
+        if wants and self.precision in ("bf16", "fp16") and wants != self.precision:
+            raise ConfigError(
+                f"precision={self.precision} with model.dtype={self.model.dtype}: fp16 and bf16 cannot be mixed; "
+                f"set model.dtype=auto (or precision={wants})"
+            )
+        if self.deepspeed:
+            user = _read_json(self.deepspeed, "deepspeed")
+            fp16_on = _enabled(user.get("fp16"))
+            bf16_on = _enabled(user.get("bf16")) or _enabled(user.get("bfloat16"))
+            if fp16_on and bf16_on:
+                raise ConfigError(f"deepspeed={self.deepspeed}: both fp16.enabled and bf16.enabled are true; keep one")
+            if (fp16_on and self.precision == "bf16") or (bf16_on and self.precision == "fp16"):
+                raise ConfigError(
+                    f"precision={self.precision} but deepspeed={self.deepspeed} enables "
+                    f"{'fp16' if fp16_on else 'bf16'}: fp16 and bf16 cannot be mixed; set precision=auto"
+                )
+
+    def _validate_zero(self) -> None:
+        z = self.zero
+        if z.offload_params != "none" and z.stage != 3:
+            raise ConfigError(f"zero.offload_params={z.offload_params} needs zero.stage=3 (got {z.stage})")
+        if z.offload_optimizer != "none" and z.stage == 0:
+            raise ConfigError(f"zero.offload_optimizer={z.offload_optimizer} needs zero.stage >= 1")
+        if "nvme" in (z.offload_optimizer, z.offload_params) and not z.nvme_path:
+            raise ConfigError("zero.nvme_path is empty but nvme offload is on: set zero.nvme_path=/local/nvme/dir")
+
+    def _validate_method(self) -> None:
+        m = self.method
+        if m.name == "qlora" and self.zero.stage == 3 and self.zero.offload_params != "none":
+            raise ConfigError(
+                f"method.name=qlora with zero.offload_params={self.zero.offload_params}: quantized base weights "
+                "cannot be partitioned/offloaded by ZeRO-3; use zero.offload_params=none or zero.stage=2"
+            )
+        if m.name == "qlora" and self.precision == "fp16":
+            raise ConfigError("method.name=qlora with precision=fp16 is unstable; use precision=bf16 or fp32")
+        if m.name in ("lora", "qlora") and (m.lora.r < 1 or m.lora.alpha <= 0 or not 0 <= m.lora.dropout < 1):
+            raise ConfigError("method.lora: need r >= 1, alpha > 0 and 0 <= dropout < 1")
+        if m.name in ("prefix", "prompt"):
+            n = getattr(m, m.name).num_virtual_tokens
+            if n < 1:
+                raise ConfigError(f"method.{m.name}.num_virtual_tokens={n} must be >= 1")
+            if self.packing != "padding":
+                raise ConfigError(
+                    f"data.packing={self.data.packing} with method.name={m.name}: virtual tokens need a 2-D "
+                    "attention mask; use data.packing=padding (or auto)"
+                )
+
+
+def _enabled(section: Any) -> bool:
+    return isinstance(section, dict) and section.get("enabled") in (True, "true", "auto")
+
+
+def _read_json(path: str, key: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key}={path}: no such file") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}={path}:{e.lineno}: invalid JSON: {e.msg}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> typed tree
+
+
+def _parse_override(arg: str) -> tuple[str, Any]:
+    if "=" not in arg:
+        raise ConfigError(f"override {arg!r}: expected key=value, e.g. train.lr=1e-4")
+    key, raw = arg.split("=", 1)
+    # YAML scalars give the natural types: 1e-4 -> float, true -> bool, null -> None, [a, b] -> list.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _coerce(key: str, value: Any, tp: Any, choices: tuple | None) -> Any:
+    """Convert a YAML value to the field type ``tp`` or raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and str in args and "," not in value:
+            return _coerce(key, value, str, choices)  # 'all-linear' stays a string; 'q,v' becomes a list
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, a, choices)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{key}: cannot be null")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: expected a list, e.g. {key}=[a,b]")
+        return [_coerce(f"{key}[{i}]", v, item, None) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            out = value.lower() in ("true", "yes", "on", "1")
+        elif isinstance(value, int) and value in (0, 1):
+            out = bool(value)
+        else:
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        out = int(value)
+    elif tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError as e:
+                raise ConfigError(f"{key}={value!r}: expected a number") from e
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        out = float(value)
+    elif tp is str:
+        if isinstance(value, dict | list) or value is None:
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        out = str(value)
+    else:
+        raise ConfigError(f"{key}: unsupported field type {tp}")
+    if choices and out not in choices:
+        raise ConfigError(f"{key}={out!r}: expected one of {', '.join(map(str, choices))}")
+    return out
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            all_keys = [prefix + n for n in fields]
+            close = difflib.get_close_matches(prefix + str(k), all_keys, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(all_keys)}"
+            raise ConfigError(f"unknown key '{prefix}{k}'{hint}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v if v is not None else {}, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(prefix + k, v, tp, fields[k].metadata.get("choices"))
+    return cls(**kwargs)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, defaults: dict | None = None
+) -> Config:
+    """Build a ``Config`` from recipe ``defaults``, then a YAML file, then ``key=value`` overrides (last wins).
+
+    Args:
+        path: YAML file (nested sections; see ``finetune/configs/``), or None.
+        overrides: command-line ``dotted.key=value`` strings; values are parsed as YAML scalars.
+        defaults: nested dict a recipe uses to say what it fixes (e.g. ``{"method": {"name": "lora"}}``).
+
+    Raises:
+        ConfigError: unknown key (with a suggestion), wrong type or value outside its choices.
+    """
+    tree: dict = json.loads(json.dumps(defaults or {}))  # deep copy
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"--config {path}: no such file") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: invalid YAML: {e}") from e
+        _deep_merge(tree, loaded)
+    for arg in overrides or []:
+        key, value = _parse_override(arg)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def _deep_merge(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as a plain nested dict (written to ``output_dir/config.yaml`` for reproducibility)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf field: the reference table behind ``--help``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+    return rows

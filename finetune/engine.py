@@ -1,0 +1,419 @@
+"""The one training loop behind every recipe: setup, train, evaluate, checkpoint, save.
+
+    cfg = load_config("finetune/configs/lora.yaml", sys.argv[1:])
+    summary = engine.run(cfg)
+
+Read top to bottom: ``run`` sets up (process group, precision, data, model, DeepSpeed), resumes, loops over
+optimizer steps (``_train_step``), evaluates (``evaluate``), checkpoints (``finetune.checkpoint``) and writes
+``output_dir/final`` (``save_final``). Each optimizer step consumes ``grad_accum`` micro-batches per rank.
+
+Loss normalization: every micro-batch's loss is its summed token loss divided by (target tokens of the whole
+global batch) / (world_size x grad_accum), so after DeepSpeed's 1/grad_accum scaling and its mean over ranks the
+gradient is exactly that of the mean loss over all target tokens of the step. The curve is then independent of how
+rows are split over ranks and micro-batches (1 rank x 4 accumulation == 2 ranks x 2), and rows with more target
+tokens weigh more, as they would in one big batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from finetune import distributed as dist
+from finetune.config import Config, ConfigError, to_dict
+from finetune.metrics import MetricsLogger, memory_stats, mfu
+
+logger = logging.getLogger(__name__)
+
+EXIT_BAD_STEPS = 3  # exit code when training aborts after train.max_bad_steps non-finite steps in a row
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped with a diagnosis (non-finite losses, empty data ...)."""
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warmup, then cosine/linear/constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def resolve_data(path: str, cfg: Config, tokenizer) -> str:
+    """Turn ``data.train``/``data.eval`` into what the loader reads; convert a raw .jsonl/.json once.
+
+    Raw files are converted on the main rank into ``data.cache_dir`` (default ``output_dir/data_cache``) under a
+    name keyed by the file's size/mtime and the tokenizer, while the other ranks wait at a barrier; a later run
+    reuses the cache. mmap prefixes are checked against the tokenizer that trains on them.
+    """
+    from data_tools.meta import check_meta_matches_tokenizer, vocab_hash
+
+    p = Path(path)
+    if p.name == "index.json":  # WebDataset shards: the loader checks them
+        return str(p)
+    if p.suffix in (".jsonl", ".json"):
+        if not p.exists():
+            raise ConfigError(f"data file {p} does not exist")
+        st = p.stat()
+        key = (
+            f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{vocab_hash(tokenizer)}|{cfg.data.format}|{cfg.data.seq_len}"
+        )
+        cache = Path(cfg.data.cache_dir or Path(cfg.output_dir) / "data_cache")
+        prefix = cache / f"{p.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        if dist.is_main() and not Path(f"{prefix}.idx").exists():
+            from data_tools.convert import convert
+
+            cache.mkdir(parents=True, exist_ok=True)
+            print(f"[dsft] converting {p} -> {prefix} (once; cached for later runs)", flush=True)
+            convert([p], prefix, tokenizer, fmt=cfg.data.format, max_length=cfg.data.seq_len, over_length="truncate")
+        dist.barrier()
+        return str(prefix)
+    if not Path(f"{p}.idx").exists():
+        raise ConfigError(f"data path {p}: expected an mmap prefix ({p}.bin/.idx), an index.json or a .jsonl file")
+    check_meta_matches_tokenizer(p, tokenizer, missing_ok=True)
+    return str(p)
+
+
+def run(cfg: Config) -> dict:
+    """Train according to ``cfg`` on every rank of the launcher; returns a summary (main rank: also summary.json)."""
+    import deepspeed
+
+    from data_tools.loader import build_dataloader
+    from ds_configs import make_ds_config, resolve_precision
+    from finetune.attention import resolve_attention
+    from finetune.model import load_model, load_tokenizer, param_groups
+
+    dist.init(cfg.train.collective_timeout_s)
+    plan = cfg.validate(dist.world_size())
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(cfg.precision, torch.cuda.get_device_capability() if cuda else None)
+    if cuda:  # TF32 only affects fp32 matmuls on Ampere+; bf16/fp16 math is unchanged
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)  # the same on every rank: PEFT adapters start identical, dropout is reproducible
+    out = Path(cfg.output_dir)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    tokenizer = load_tokenizer(cfg)
+    hf_attn, loader_attn = resolve_attention(cfg.model.attn_implementation, "cuda" if cuda else "cpu")
+    common = dict(
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=plan.micro_batch_size,
+        rank=dist.rank(),
+        world_size=dist.world_size(),
+        seed=cfg.train.seed,
+        packing=cfg.packing,
+        attention=loader_attn,
+        num_workers=cfg.data.num_workers,
+        pad_id=tokenizer.pad_token_id,
+    )
+    loader = build_dataloader(resolve_data(cfg.data.train, cfg, tokenizer), shuffle=True, drop_last=True, **common)
+    eval_loader = None
+    if cfg.data.eval:
+        eval_src = resolve_data(cfg.data.eval, cfg, tokenizer)
+        eval_loader = build_dataloader(eval_src, shuffle=False, drop_last=False, **common)
+    if len(loader) < plan.grad_accum:
+        raise TrainingAborted(
+            f"data.train gives {len(loader)} micro-batches per rank per epoch, fewer than train.grad_accum="
+            f"{plan.grad_accum}: use more data, a smaller train.micro_batch_size or fewer ranks"
+        )
+    total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * len(loader)) // plan.grad_accum)
+    warmup = int(cfg.train.warmup * total_steps) if cfg.train.warmup < 1 else int(cfg.train.warmup)
+
+    from transformers import AutoConfig
+
+    hidden = getattr(AutoConfig.from_pretrained(cfg.model.name_or_path), "hidden_size", None)
+    offloading = cfg.zero.offload_optimizer != "none"
+    optimizer = {
+        "type": "AdamW",
+        "params": {"lr": cfg.train.lr, "betas": cfg.train.adam_betas, "eps": 1e-8, "weight_decay": 0.0},
+    }
+    if not offloading:
+        # torch.optim.AdamW instead of DeepSpeed's FusedAdam, which JIT-compiles a CUDA extension (needs nvcc) and
+        # does not exist on CPU; with offload DeepSpeed requires (and compiles) its fast DeepSpeedCPUAdam.
+        optimizer["params"]["torch_adam"] = True
+    ds_config = make_ds_config(
+        zero_stage=cfg.zero.stage,
+        batch=plan,
+        precision=precision,
+        offload_optimizer=cfg.zero.offload_optimizer,
+        offload_params=cfg.zero.offload_params,
+        nvme_path=cfg.zero.nvme_path,
+        gradient_clipping=cfg.train.max_grad_norm,
+        optimizer=optimizer,
+        user_config=cfg.deepspeed,
+        hidden_size=hidden,
+    )
+    if ds_config.get("bf16", {}).get("enabled"):
+        ds_config["bf16"]["check_grad_overflow"] = True  # ZeRO-1/2 then skip a step whose grad norm is inf/NaN
+    if dist.is_main():
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+    model = load_model(cfg, ds_config, precision, hf_attn)
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, total_steps, warmup, cfg.train.lr_scheduler, cfg.train.min_lr_ratio)
+        )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=ds_config,
+        lr_scheduler=schedule,
+    )
+
+    step, bad_streak = 0, 0
+    ckpt_root = out / "checkpoints"
+    resume_from = _resume_path(cfg, ckpt_root)
+    if resume_from is not None:
+        from finetune.checkpoint import load_checkpoint
+
+        state = load_checkpoint(engine, resume_from)
+        step, bad_streak = int(state["step"]), int(state.get("bad_streak", 0))
+        loader.load_state_dict(state["loader"])
+        if dist.is_main():
+            print(f"[dsft] resumed from {resume_from} at step {step}", flush=True)
+            _truncate_metrics(out / "metrics.jsonl", step)
+    metrics = MetricsLogger(out, enabled=dist.is_main(), append=resume_from is not None)
+
+    from finetune.watchdog import StepWatchdog
+
+    watchdog = StepWatchdog(cfg.train.step_timeout_s, on_timeout=lambda msg: metrics.close(), ckpt_root=ckpt_root)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), desc=cfg.method.name, dynamic_ncols=True)
+    batches = _batches(loader)
+    last = {"step": step}
+    try:
+        while step < total_steps:
+            lr = cfg.train.lr * lr_factor(step, total_steps, warmup, cfg.train.lr_scheduler, cfg.train.min_lr_ratio)
+            t0 = time.perf_counter()
+            loss, real_tokens = _train_step(engine, [next(batches) for _ in range(plan.grad_accum)], cfg, plan)
+            dt = time.perf_counter() - t0
+            step += 1
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            bad_streak = _check_finite(loss, grad_norm, engine, bad_streak, cfg, precision, step)
+            tokens_per_s = real_tokens / dt
+            last = {"step": step, "split": "train", "epoch": loader.epoch, "loss": loss, "lr": lr}
+            last.update(grad_norm=grad_norm, loss_scale=_loss_scale(engine), tokens_per_s=tokens_per_s)
+            last.update(mfu=mfu(num_params, tokens_per_s, dist.world_size()), skipped=not engine.was_step_applied())
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                metrics.log({**last, **memory_stats()})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.update(1)
+            watchdog.beat(step)
+            if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                metrics.log({"step": step, "split": "eval", **evaluate(engine, eval_loader, cfg)})
+                metrics.plot()
+            if cfg.train.save_every and step % cfg.train.save_every == 0:
+                from finetune.checkpoint import save_checkpoint
+
+                state = {"step": step, "bad_streak": bad_streak, "loader": loader.state_dict(), "config": to_dict(cfg)}
+                watchdog.note_checkpoint(save_checkpoint(engine, ckpt_root, step, state, cfg.train.keep_last))
+        summary = {"step": step, "loss": last.get("loss")}
+        if eval_loader is not None:
+            ev = evaluate(engine, eval_loader, cfg)
+            metrics.log({"step": step, "split": "eval", "final": True, **ev})
+            summary.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
+        save_final(engine, cfg, tokenizer, out / "final")
+        metrics.plot()
+        if dist.is_main():
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        watchdog.stop()
+        bar.close()
+        metrics.close()
+
+
+def _batches(loader):
+    """Endless micro-batches; the loader moves to the next epoch by itself when one ends."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise TrainingAborted("the training loader yielded no batch in a whole epoch")
+
+
+def _forward_kwargs(batch: dict, cfg: Config, device) -> tuple[dict, int]:
+    batch = dict(batch)
+    real = int(batch.pop("num_real_tokens", 0))
+    if cfg.method.name in ("prefix", "prompt"):
+        # PEFT prompt learning shifts positions itself (it prepends virtual tokens); explicit ids would be ignored.
+        batch.pop("position_ids", None)
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}, real
+
+
+def _target_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())  # causal LM: position t predicts label t+1
+
+
+def _train_step(engine, micro_batches: list[dict], cfg: Config, plan) -> tuple[float, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (mean target-token loss over all ranks, real
+    tokens of all ranks)."""
+    n_local = sum(_target_tokens(b) for b in micro_batches)
+    (n_global,) = dist.all_reduce_sum([n_local])
+    scale = plan.world_size * plan.grad_accum
+    # see the module docstring: the step's gradient is that of sum(token losses) / n_global
+    num_items = torch.tensor(max(n_global, 1.0) / scale, device=engine.device)
+    engine.train()
+    loss_sum, real_tokens = torch.zeros((), device=engine.device, dtype=torch.float64), 0
+    for batch in micro_batches:
+        kwargs, real = _forward_kwargs(batch, cfg, engine.device)
+        loss = engine(**kwargs, num_items_in_batch=num_items).loss
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().double()
+        real_tokens += real
+    total, real_total = dist.all_reduce_sum([float(loss_sum), real_tokens])
+    return total / scale, int(real_total)
+
+
+def _loss_scale(engine) -> float | None:
+    if not engine.fp16_enabled():
+        return None
+    return float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", float("nan"))))
+
+
+def _check_finite(loss, grad_norm, engine, bad_streak: int, cfg: Config, precision: str, step: int) -> int:
+    """Count consecutive non-finite steps; abort with a diagnosis after ``train.max_bad_steps`` in a row.
+
+    fp16 overflows while the dynamic loss scale is still calibrating are normal (DeepSpeed skips those steps and
+    halves the scale); they only count once the scale has reached its floor.
+    """
+    grad_bad = grad_norm is not None and not math.isfinite(grad_norm)
+    if precision == "fp16" and math.isfinite(loss) and grad_bad and (_loss_scale(engine) or 0) > 1:
+        return bad_streak
+    if math.isfinite(loss) and not grad_bad:
+        return 0
+    bad_streak += 1
+    if dist.is_main():
+        print(f"[dsft] step {step}: non-finite loss={loss} grad_norm={grad_norm} ({bad_streak} in a row)", flush=True)
+    if bad_streak >= cfg.train.max_bad_steps:
+        if precision == "fp16":
+            hint = "fp16 overflow with the loss scale at its floor: use precision=bf16 (same range as fp32)"
+        else:
+            hint = f"the learning rate is probably too high: lower train.lr={cfg.train.lr:g} or raise train.warmup"
+        raise TrainingAborted(
+            f"{bad_streak} consecutive steps with a non-finite loss or gradient norm (up to step {step}, "
+            f"train.max_bad_steps={cfg.train.max_bad_steps}): {hint}; also check the data for empty targets"
+        )
+    return bad_streak
+
+
+@torch.no_grad()
+def evaluate(engine, loader, cfg: Config) -> dict:
+    """Mean target-token loss and perplexity over the whole eval set (all ranks' shares summed)."""
+    engine.eval()
+    loss_sum, tokens = 0.0, 0
+    one = torch.tensor(1.0, device=engine.device)
+    for batch in loader:
+        kwargs, _ = _forward_kwargs(batch, cfg, engine.device)
+        # num_items_in_batch=1 makes the model return the SUM of token losses (exact pooling across batches)
+        loss_sum += float(engine(**kwargs, num_items_in_batch=one).loss)
+        tokens += _target_tokens(batch)
+    loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens])
+    engine.train()
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+
+
+def save_final(engine, cfg: Config, tokenizer, final_dir: Path) -> None:
+    """Write ``final_dir``: a full ``save_pretrained`` model (full) or a PEFT adapter folder, plus the tokenizer.
+
+    ZeRO-3 holds only a shard of every weight per rank, so the weights are gathered first (collective: every rank
+    must call this); the main rank writes.
+    """
+    import deepspeed
+
+    module = engine.module
+    zero3 = engine.zero_optimization_stage() == 3
+    if cfg.is_peft:
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        ctx = deepspeed.zero.GatheredParameters(trainable, modifier_rank=None) if zero3 else nullcontext()
+        with ctx:
+            if dist.is_main():
+                module.save_pretrained(final_dir, safe_serialization=True)
+    else:
+        state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+        if dist.is_main():
+            state = state if zero3 else {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            module.save_pretrained(final_dir, state_dict=state, safe_serialization=True)
+    if dist.is_main():
+        tokenizer.save_pretrained(final_dir)
+    dist.barrier()
+
+
+def _resume_path(cfg: Config, ckpt_root: Path) -> Path | None:
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume != "auto":
+        return Path(cfg.train.resume)
+    from finetune.checkpoint import find_latest_checkpoint
+
+    return find_latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, drop rows logged past the checkpoint (they are about to be recomputed)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def main(defaults: dict | None = None, argv: list[str] | None = None) -> int:
+    """Recipe entry point: ``--config X.yaml key=value ...``; validates before any process starts talking.
+
+    Args:
+        defaults: what the recipe fixes (e.g. ``{"method": {"name": "lora"}}``); the YAML and overrides win.
+        argv: arguments (default ``sys.argv[1:]``); ``--local_rank=N`` from the deepspeed launcher is accepted.
+    """
+    import argparse
+    import os
+
+    from finetune.config import load_config
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (see finetune/configs/)")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides, defaults)
+        cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run(cfg)
+    except TrainingAborted as e:
+        print(f"[dsft] training aborted on rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_STEPS
+    finally:
+        dist.destroy()
+    return 0

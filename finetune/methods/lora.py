@@ -1,0 +1,70 @@
+"""LoRA (Hu et al. 2021) and QLoRA (Dettmers et al. 2023) through PEFT.
+
+LoRA freezes the base and learns a rank-``r`` update ``B @ A`` per target Linear. QLoRA additionally stores the
+frozen base in 4-bit NF4 (or 8-bit) with bitsandbytes, so a 7B base needs ~4 GB instead of 14 GB; the adapters
+and the compute stay in bf16/fp32. ``prepare_model_for_kbit_training`` casts the non-quantized weights (norms,
+embeddings) to fp32 for stability and wires gradient checkpointing for the frozen, quantized base.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from finetune.config import Config
+
+IS_PEFT = True
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_kwargs(cfg: Config, precision: str = "fp32") -> dict:
+    """``quantization_config`` for QLoRA (None for plain LoRA).
+
+    Args:
+        cfg: the run config (``method.qlora`` read when ``method.name == 'qlora'``).
+        precision: the resolved training precision; the 4-bit matmuls compute in it.
+    """
+    if cfg.method.name != "qlora":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.method.qlora
+    compute = _DTYPES[precision]
+    if q.bits == 8:
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            # ZeRO-3 partitions parameters by dtype; storing the packed 4-bit data in the compute dtype lets it
+            # shard them like any other weight (the HF/PEFT recipe for QLoRA + ZeRO-3).
+            bnb_4bit_quant_storage=compute if cfg.zero.stage == 3 else torch.uint8,
+        )
+    }
+
+
+def prepare(model, cfg: Config):
+    """Wrap ``model`` in a PEFT LoRA model (after k-bit preparation for QLoRA)."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    from finetune.methods import enable_gradient_checkpointing
+
+    gc = cfg.model.gradient_checkpointing
+    if cfg.method.name == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif gc:
+        enable_gradient_checkpointing(model)
+    lc = cfg.method.lora
+    peft_config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        bias="none",
+    )
+    return get_peft_model(model, peft_config)

@@ -1,0 +1,141 @@
+"""What the user sees of a run: ``metrics.jsonl`` rows, TensorBoard events, ``loss.png``, throughput and MFU.
+
+Only the main rank writes; other ranks get a ``MetricsLogger(enabled=False)`` whose calls do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, TFLOP/s, from the vendors' datasheets. MFU uses the
+# 6·N·tokens/s convention (PaLM, Chowdhery et al. 2022 app. B): forward + backward of every parameter, attention
+# FLOPs not counted; for PEFT methods the frozen base still costs ~4·N, so their MFU is an upper bound.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
+
+
+def peak_flops_per_gpu() -> float | None:
+    """Peak FLOP/s of this rank's GPU from ``PEAK_TFLOPS`` (longest matching name); None on CPU or unknown GPUs."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_TFLOPS[key] * 1e12
+    return None
+
+
+def mfu(num_params: int, tokens_per_s: float, world_size: int) -> float | None:
+    """Model FLOPs utilization: 6·N·tokens/s over the summed peak of all ranks (None when the peak is unknown)."""
+    peak = peak_flops_per_gpu()
+    if peak is None or tokens_per_s <= 0:
+        return None
+    return 6.0 * num_params * tokens_per_s / (peak * world_size)
+
+
+def memory_stats() -> dict:
+    """Peak GPU memory of this rank in GiB (CPU: resident set size of this process)."""
+    if torch.cuda.is_available():
+        return {
+            "mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        }
+    try:
+        import resource
+
+        return {"mem_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    except ImportError:  # not on POSIX
+        return {}
+
+
+class MetricsLogger:
+    """Append per-step rows to ``metrics.jsonl`` and TensorBoard; draw ``loss.png`` on demand.
+
+    Args:
+        output_dir: run directory.
+        enabled: False on non-main ranks (every call is then a no-op).
+        append: keep existing rows (a resumed run continues the same file).
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, append: bool = False):
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if not append and self.path.exists():
+            self.path.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def log(self, row: dict) -> None:
+        """Write one row (must hold ``step``); numbers also go to TensorBoard as ``<split>/<key>``."""
+        if not self.enabled:
+            return
+        row = {"time": time.time(), **row}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        split = row.get("split", "train")
+        for k, v in row.items():
+            if k not in ("step", "time", "split") and isinstance(v, int | float) and not isinstance(v, bool):
+                if v is not None and math.isfinite(v):
+                    self._tb.add_scalar(f"{split}/{k}", v, row["step"])
+        self._tb.flush()
+
+    def plot(self) -> Path | None:
+        """Draw train and eval loss against step into ``loss.png`` (matplotlib, headless Agg backend)."""
+        if not self.enabled or not self.path.exists():
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train" and _finite(r.get("loss"))]
+        evals = [(r["step"], r["loss"]) for r in rows if r.get("split") == "eval" and _finite(r.get("loss"))]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "o-", label="eval")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (mean per target token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        out = self.output_dir / "loss.png"
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
