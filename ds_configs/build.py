@@ -21,10 +21,11 @@ OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 AUTO = "auto"
 
 # Defaults below follow DeepSpeed's documented defaults except where a comment says why not.
-# DeepSpeed's stage-1/2 default buckets are 5e8 elements; with overlap_comm those buffers are held twice over in
-# 16-bit (≈2 GB each), so like HF's "auto" (hidden²) we use smaller buckets: 2e8 costs little bandwidth on NVLink.
-STAGE12_BUCKET = 200_000_000
-STAGE3_REDUCE_BUCKET = 200_000_000
+# DeepSpeed's default buckets are 5e8 elements; with overlap_comm stage 1/2 holds 4.5 × (reduce + allgather)
+# buckets in 16-bit (DeepSpeed docs: 9 GB at 5e8). HF's "auto" uses hidden² (1.7e7 for h=4096); without a hidden
+# size we use 5e7 (0.9 GB of buffers), which still keeps NVLink/IB messages large enough to run at bandwidth.
+STAGE12_BUCKET = 50_000_000
+STAGE3_REDUCE_BUCKET = 50_000_000
 STAGE3_PREFETCH_BUCKET = 50_000_000  # DeepSpeed default 5e7
 STAGE3_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed default 1e5: params smaller than this stay unpartitioned
 STAGE3_MAX_LIVE = 1_000_000_000  # DeepSpeed default 1e9
@@ -488,3 +489,45 @@ def validate_ds_config(cfg: dict, source: str = "ds_config", world_size: int | N
             raise ValueError(
                 f'{source}: "train_batch_size" {total} is not a multiple of micro batch {micro} × accumulation {accum}'
             )
+
+
+# The presets: name → (zero stage, optimizer offload, parameter offload, what it is for). The JSON files in
+# ds_configs/presets/ are render_ds_config templates of these ("auto" batch, precision, clipping and nvme_path),
+# written by `python -m ds_configs.generate --write-presets ds_configs/presets`; a test keeps them equal.
+PRESETS: dict[str, tuple[int, str, str, str]] = {
+    "zero0": (0, "none", "none", "plain data parallel; fastest when the whole model + optimizer fit on each GPU"),
+    "zero1": (1, "none", "none", "optimizer states partitioned; same communication as DDP"),
+    "zero2": (2, "none", "none", "optimizer states + gradients partitioned; the usual multi-GPU default"),
+    "zero2_offload": (2, "cpu", "none", "ZeRO-2 with Adam on the CPU (ZeRO-Offload): big models on few GPUs"),
+    "zero3": (3, "none", "none", "parameters partitioned too; models larger than one GPU across many"),
+    "zero3_offload": (3, "cpu", "cpu", "ZeRO-3 with optimizer and parameters in CPU memory: largest on CPU RAM"),
+    "zero3_nvme": (3, "nvme", "nvme", "ZeRO-Infinity: optimizer and parameters on local NVMe (needs libaio)"),
+}
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def preset_template(name: str) -> dict:
+    """The preset's DeepSpeed template (``"auto"`` batch, precision, clipping, nvme_path) as the generator writes it.
+
+    Raises:
+        ValueError: unknown preset name.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
+    stage, opt, par, _ = PRESETS[name]
+    return render_ds_config(
+        zero_stage=stage,
+        batch=None,
+        precision=AUTO,
+        offload_optimizer=opt,
+        offload_params=par,
+        nvme_path=None,
+        gradient_clipping=AUTO,
+    )
+
+
+def preset_path(name: str) -> Path:
+    """Path of the committed preset JSON (pass it as ``make_ds_config(user_config=...)``)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
+    return PRESET_DIR / f"{name}.json"
