@@ -372,6 +372,8 @@ class SampleEncoder:
                 rendered.append(self._assistant_spans(messages))
             except BadRecord as bad:
                 rendered.append(bad)
+            except Exception as exc:  # noqa: BLE001 - e.g. a template's raise_exception("roles must alternate")
+                rendered.append(BadRecord("template", f"the chat template failed: {type(exc).__name__}: {exc}"))
         texts = [r[0] for r in rendered if not isinstance(r, BadRecord)]
         # Same call apply_chat_template(tokenize=True) makes: the template already holds the special tokens.
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None

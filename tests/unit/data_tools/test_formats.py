@@ -218,3 +218,17 @@ def test_text_falls_back_to_tokenizer_call_when_rust_ids_differ(tiny_tokenizer_d
     (e,) = enc.encode_batch([{"text": "hello world"}])
     assert enc._rust_text is False and e.ids.tolist() == tok(["hello world"])["input_ids"][0]
     assert e.ids[0] == 7
+
+
+@pytest.mark.parametrize("with_generation_tags", [True, False])
+def test_template_exceptions_become_rejected_records(tiny_tokenizer_dir, with_generation_tags):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('must start with user') }}{% endif %}"
+    base = formats.DEFAULT_CHAT_TEMPLATE
+    if not with_generation_tags:
+        base = base.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tok.chat_template = strict + base
+    good = {"messages": CONVERSATION[1:3]}
+    ok, bad = SampleEncoder(tok, "messages").encode_batch([good, {"messages": CONVERSATION}])
+    assert isinstance(ok, Encoded) and _masked_pieces(tok, ok.ids, ok.mask) == ["42.<|im_end|>"]
+    assert bad.reason == "template" and "must start with user" in bad.message
