@@ -20,7 +20,10 @@ def test_sft_conversion_shards_read_back_with_webdataset(tmp_path, tiny_tokenize
     ]
     src = tmp_path / "a.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
-    res = convert(src, tmp_path / "a", tiny_tokenizer, webdataset_dir=tmp_path / "wds", shard_size=10, progress=False)
+    # Two workers: the SFT path through worker processes too.
+    res = convert(
+        src, tmp_path / "a", tiny_tokenizer, webdataset_dir=tmp_path / "wds", shard_size=10, workers=2, progress=False
+    )
     index = read_index(tmp_path / "wds")
     assert index["format"] == INDEX_FORMAT and index["has_loss_mask"] is True and index["total_samples"] == 23
     assert index["shards"] == [
