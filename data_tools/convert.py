@@ -354,6 +354,7 @@ def convert(
     wds_writer = None
     # Folders this run creates are removed again on failure: nothing is left behind, not even an empty folder.
     made_dir = None
+    bar = None
     if output_prefix is not None and not Path(output_prefix).parent.exists():
         made_dir = Path(output_prefix).parent
     try:
@@ -372,7 +373,6 @@ def convert(
         bar = _progress_bar(progress)
         start = time.perf_counter()  # throughput counts the streaming pass, not the tokenizer load
         for where, results in _results(_chunks(sources), encoder_kwargs, tok, workers):
-            chunk_tokens = 0
             for (s_idx, line_no), result in zip(where, results, strict=True):
                 if not isinstance(result, Encoded):
                     location = f"{sources[s_idx].path}:{line_no}"
@@ -392,7 +392,6 @@ def convert(
                     wds_writer.write(result.ids, result.mask)
                 counts["documents"] += 1
                 counts["tokens"] += len(result.ids)
-                chunk_tokens += len(result.ids)
                 if has_mask:
                     counts["masked_tokens"] += int(result.mask.sum(dtype=np.int64))
                 counts["truncated"] += result.truncated
@@ -402,6 +401,7 @@ def convert(
                 bar.set_postfix_str(f"{counts['tokens'] / elapsed:,.0f} tokens/s", refresh=False)
         if bar is not None:
             bar.close()
+            bar = None
         if counts["documents"] == 0:
             raise ConversionError(
                 f"{', '.join(map(str, paths))}: no usable records (skipped: {dict(skipped) or 'none'}); nothing written"
@@ -448,7 +448,8 @@ def convert(
         if tmp_prefix is not None:
             for b in builders:
                 b.finalize()
-            Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+            # The old meta goes first: while data files are being swapped, no meta says "finished".
+            meta_path(output_prefix).unlink(missing_ok=True)
             indexed.rename(tmp_prefix, output_prefix)
             if has_mask:
                 indexed.rename(tmp_prefix + LOSS_MASK_SUFFIX, f"{output_prefix}{LOSS_MASK_SUFFIX}")
@@ -456,6 +457,8 @@ def convert(
                 indexed.remove(f"{output_prefix}{LOSS_MASK_SUFFIX}")  # a stale mask from an earlier SFT run
             write_meta(output_prefix, meta)  # last: its presence says the conversion finished
     except BaseException:
+        if bar is not None:
+            bar.close()
         for b in builders:
             b.abort()
         if tmp_prefix is not None:
