@@ -43,6 +43,7 @@ from data_tools.meta import META_VERSION, meta_path, read_meta, tokenizer_finger
 LOSS_MASK_SUFFIX = "_loss_mask"
 CHUNK_RECORDS = 1024  # records per work unit: large enough to amortise IPC and batch encoding, small for latency
 CHUNK_BYTES = 4 << 20  # ...or this many input bytes, whichever comes first (bounds memory for long documents)
+ARRAY_READ_BYTES = 1 << 20  # read size of the incremental .json array parser
 MAX_SKIP_EXAMPLES = 20  # "file:line: reason" examples kept in the meta
 
 
@@ -114,7 +115,7 @@ class _Source:
 
             def fill() -> bool:
                 nonlocal buf, pos, eof
-                chunk = fh.read(1 << 20)
+                chunk = fh.read(ARRAY_READ_BYTES)
                 self.sha256.update(chunk)
                 self.bytes += len(chunk)
                 try:

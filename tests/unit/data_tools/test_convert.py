@@ -279,3 +279,16 @@ def test_is_conversion_current(tmp_path, tiny_tokenizer):
     assert not is_conversion_current(tmp_path / "c", src, tiny_tokenizer)
     with pytest.raises(TypeError, match="unknown option"):
         is_conversion_current(tmp_path / "c", src, tiny_tokenizer, workers=2)
+
+
+@pytest.mark.parametrize("read_bytes", [1, 3, 64])
+def test_json_array_parser_across_read_boundaries(tmp_path, tiny_tokenizer, monkeypatch, read_bytes):
+    monkeypatch.setattr(convert_mod, "ARRAY_READ_BYTES", read_bytes)
+    array = tmp_path / "arr.json"
+    # "é" is two UTF-8 bytes (split by 1-byte reads); 12345 must not be read as 12 then 345.
+    array.write_bytes(codecs.BOM_UTF8 + '[\r\n {"text": "café au lait"} ,\r\n 12345,\n\n {"text": "b"}\n]  \n'.encode())
+    res = convert(array, tmp_path / "a", tiny_tokenizer, fmt="text", on_error="skip", progress=False)
+    ds = IndexedDataset(tmp_path / "a")
+    assert [ds[0].tolist(), ds[1].tolist()] == [tiny_tokenizer(t)["input_ids"] for t in ("café au lait", "b")]
+    assert res.meta["skipped"]["examples"] == [f"{array}:3: record must be a JSON object, got int"]
+    assert res.meta["sources"][0]["sha256"] == hashlib.sha256(array.read_bytes()).hexdigest()
