@@ -120,6 +120,9 @@ class StepWatchdog:
         world_size: World size (default: ``finetune.distributed.world_size()``).
         heartbeat_s: Seconds between liveness writes; a heartbeat older than ``3 * heartbeat_s`` counts as lost.
         exit_fn: Replaces ``os._exit`` (tests only).
+        report_uncaught: Also report a peer-loss exception that nobody caught (``sys.excepthook``): the usual
+            traceback is printed after the report and the process exits with :data:`EXIT_PEER_LOST`. A safety net
+            for loops not wrapped in :meth:`guard`; other exceptions are left to the previous hook.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class StepWatchdog:
         world_size: int | None = None,
         heartbeat_s: float = 1.0,
         exit_fn: Callable[[int], None] = os._exit,
+        report_uncaught: bool = True,
     ) -> None:
         self.timeout_s = float(timeout_s)
         self.on_timeout = on_timeout
@@ -153,6 +157,8 @@ class StepWatchdog:
         self.fired = False
         if self.heartbeat_dir is not None:
             self.heartbeat_dir.mkdir(parents=True, exist_ok=True)
+        if report_uncaught:
+            self._install_excepthook()
         if self.timeout_s > 0 or self.heartbeat_dir is not None:
             # The thread also runs with the step timeout disabled: peers need this rank's heartbeat to name it lost.
             self._write_heartbeat()
@@ -281,6 +287,18 @@ class StepWatchdog:
             if not is_peer_loss(e):
                 raise
             self.report_and_exit(f"a collective failed because a peer is gone ({_first_line(e)})", EXIT_PEER_LOST)
+
+    def _install_excepthook(self) -> None:
+        previous = sys.excepthook
+
+        def hook(tp, value, tb):
+            if value is None or not is_peer_loss(value):
+                previous(tp, value, tb)
+                return
+            previous(tp, value, tb)  # the traceback first, so the report is the last thing in the log
+            self.report_and_exit(f"a collective failed because a peer is gone ({_first_line(value)})", EXIT_PEER_LOST)
+
+        sys.excepthook = hook
 
     # ---------------------------------------------------------------- thread
     def _write_heartbeat(self, finished: bool = False) -> None:
