@@ -12,8 +12,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import mmap
+import os
 import random
-import tarfile
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,16 +63,17 @@ class WebDatasetSource:
 
 
 def _npy_lengths(path: str) -> np.ndarray:
-    out = []
-    with tarfile.open(path) as tar:
-        for m in tar:
-            if m.name.endswith(".input_ids.npy"):
-                fh = tar.extractfile(m)
-                major, _ = np.lib.format.read_magic(fh)
-                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, _, _ = read_header(fh)
-                out.append(shape[0])
-    return np.asarray(out, dtype=np.int64)
+    """Token count of every sample of one shard, from the .npy headers (the token data is never touched)."""
+    return np.asarray(
+        [len(load_npy_1d(data)) for name, data in _tar_members(_map_file(path)) if name.endswith(".input_ids.npy")],
+        dtype=np.int64,
+    )
+
+
+def _map_file(path: str):
+    """The file memory-mapped read-only (b"" when empty); the map closes when nothing views it any more."""
+    with open(path, "rb") as fh:
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(fh.fileno()).st_size else b""
 
 
 def assign_slots(samples_per_shard: list[int], n_slots: int) -> list[list[int]]:
@@ -108,15 +112,101 @@ def epoch_batches(source: WebDatasetSource, slots: list[list[int]], cfg) -> int:
     return max(1, cfg.num_workers) * max(per_slot)
 
 
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key = up to the first dot
+_ZERO_BLOCK = bytes(512)
+
+
+def _tar_members(buf) -> Iterator[tuple[str, memoryview]]:
+    """(name, data) of the regular files of an uncompressed tar in ``buf``, without copying the data.
+
+    Why not ``tarfile``: it spends ~240 us per member on the PAX headers ``webdataset.TarWriter`` writes (profiled:
+    ~1 ms per 2-member sample, capping the stream at ~0.3M tokens/s); this walk costs a few us per member. It reads
+    ustar, PAX (``path``/``size`` records) and GNU long names, and skips everything that is not a regular file.
+    """
+    view, off, n = memoryview(buf), 0, len(buf)
+    long_name = None
+    pax: dict[str, str] = {}
+    while off + 512 <= n:
+        header = view[off : off + 512]
+        if header == _ZERO_BLOCK:
+            break
+        raw_size = bytes(header[124:136])
+        size = int.from_bytes(raw_size[1:], "big") if raw_size[0] & 0x80 else int(raw_size.strip(b"\0 ") or b"0", 8)
+        size = int(pax.get("size", size))
+        typeflag = bytes(header[156:157])
+        data = view[off + 512 : off + 512 + size]
+        off += 512 + (size + 511) // 512 * 512
+        if typeflag == b"x":  # PAX extended header for the next member
+            for record in bytes(data).decode("utf-8", "replace").split("\n"):
+                if "=" in record:
+                    k, v = record.split(" ", 1)[1].split("=", 1)
+                    pax[k] = v
+            continue
+        if typeflag == b"L":  # GNU long name of the next member
+            long_name = bytes(data).rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if typeflag in (b"0", b"\0", b"7"):
+            name = pax.get("path") or long_name
+            if name is None:
+                name = bytes(header[0:100]).split(b"\0", 1)[0].decode("utf-8", "replace")
+                prefix = bytes(header[345:500]).split(b"\0", 1)[0].decode("utf-8", "replace")
+                name = f"{prefix}/{name}" if prefix and bytes(header[257:262]) == b"ustar" else name
+            yield name, data
+        long_name, pax = None, {}
+
+
+def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
+    """Drop-in for ``webdataset.tarfile_to_samples()``: {"url"} dicts in, samples ({"__key__", "__url__", ext:
+    bytes-like}) out, grouping consecutive members by key the way webdataset does. Shards are memory-mapped."""
+    for item in src:
+        url = item["url"]
+        sample: dict | None = None
+        for name, data in _tar_members(_map_file(url)):
+            m = _KEY_EXT.match(name)
+            if m is None:
+                continue
+            key, ext = m.groups()
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            sample[ext] = data
+        if sample is not None:
+            yield sample
+
+
+_NPY_HEADER = re.compile(r"\{'descr': '([^']+)', 'fortran_order': False, 'shape': \((\d+),\), \}")
+_DTYPES: dict[str, np.dtype] = {}
+
+
+def load_npy_1d(buf) -> np.ndarray:
+    """A 1-D .npy as a zero-copy array; ``np.load`` (with ``allow_pickle=False``) for anything else.
+
+    ``np.load`` costs ~170 us per array here (it ``ast.literal_eval``s the header); the header of a 1-D array is
+    matched with one regex instead. Object dtypes are refused either way, so a crafted .npy never unpickles.
+    """
+    view = memoryview(buf)
+    if bytes(view[:6]) == b"\x93NUMPY":
+        start = 10 if view[6] == 1 else 12
+        hlen = int.from_bytes(view[8:start], "little")
+        m = _NPY_HEADER.match(bytes(view[start : start + hlen]).decode("latin1"))
+        if m is not None:
+            descr, count = m.groups()
+            dtype = _DTYPES.get(descr)
+            if dtype is None:
+                dtype = _DTYPES.setdefault(descr, np.dtype(descr))
+            if not dtype.hasobject:
+                return np.frombuffer(view, dtype=dtype, count=int(count), offset=start + hlen)
+    return np.load(io.BytesIO(bytes(view)), allow_pickle=False)
+
+
 def _decode(sample: dict) -> tuple[str, np.ndarray, np.ndarray | None]:
     key = sample["__key__"]
     if key.startswith("/") or ".." in key.split("/"):
         # Harmless to us (nothing is extracted to disk) but the sign of a crafted shard: refuse it loudly.
         raise ValueError(f"{sample.get('__url__')}: tar member key {key!r} is absolute or contains '..'; refusing")
-    # allow_pickle=False (np.load's default) keeps a crafted .npy from running code.
-    ids = np.load(io.BytesIO(sample["input_ids.npy"]), allow_pickle=False)
     lm = sample.get("loss_mask.npy")
-    return key, ids, (np.load(io.BytesIO(lm), allow_pickle=False) if lm is not None else None)
+    return key, load_npy_1d(sample["input_ids.npy"]), (load_npy_1d(lm) if lm is not None else None)
 
 
 class WebDatasetStream(IterableDataset):
@@ -141,7 +231,7 @@ class WebDatasetStream(IterableDataset):
                 yield {"url": self.source.shards[rng.choice(shard_ids)]}
 
         for k, urls in enumerate(([{"url": self.source.shards[i]} for i in order], resampled())):
-            stages = [lambda urls=urls: iter(urls), wds.tarfile_to_samples()]
+            stages = [lambda urls=urls: iter(urls), tar_samples]
             if cfg.shuffle:
                 stages.append(wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), seed=f"{seed}{k}"))
             stages.append(wds.map(_decode))

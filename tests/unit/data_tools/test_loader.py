@@ -17,6 +17,7 @@ import webdataset as wds
 from data_tools.indexed import IndexedDatasetBuilder
 from data_tools.loader import build_dataloader
 from data_tools.loading.packing import FirstFitPacker, block_causal_mask, collate_packed, pack_lengths
+from data_tools.loading.webdataset_source import load_npy_1d, tar_samples
 
 ID_OFFSET = 10  # sample i starts with token i + 10, so ids survive packing and pad_id 0 is never a sample start
 
@@ -228,6 +229,25 @@ def test_webdataset_uneven_shards_equal_counts_disjoint(shards, packing, num_wor
         assert a | b == set(range(len(samples)))
     else:
         assert len(a | b) > 0.9 * len(samples)
+
+
+def test_tar_reader_matches_webdataset_and_npy_matches_numpy(shards, tmp_path):
+    """Our fast tar walk and .npy header parse (see webdataset_source) against the libraries they replace."""
+    index, _ = shards
+    urls = [{"url": u} for u in build_dataloader(index, seq_len=64, micro_batch_size=1).source.shards]
+    ours = list(tar_samples(urls))
+    theirs = list(wds.tarfile_to_samples()(iter(urls)))
+    assert len(ours) == len(theirs) == 400
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["__key__"] == b["__key__"] and a["__url__"] == b["__url__"]
+        assert {k: bytes(v) for k, v in a.items() if k.endswith(".npy")} == {
+            k: v for k, v in b.items() if k.endswith(".npy")
+        }
+    for arr in (np.arange(7, dtype=np.int32), np.ones(3, np.uint8), np.zeros((2, 3), np.int64), np.arange(0)):
+        got = load_npy_1d(_npy(arr))
+        assert got.dtype == arr.dtype and np.array_equal(got, arr)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_npy_1d(_npy(np.array([{"x": 1}], dtype=object)))
 
 
 def test_webdataset_needs_a_shard_per_reader(shards):
