@@ -10,6 +10,8 @@ Rows:
   the Rust thread pool on every core: the ceiling for tokenization alone (no reading, parsing or writing).
 * ``data_tools.convert`` with 1 and 2 workers: the whole job (read, parse, encode, write ``.bin/.idx`` + meta).
   With 1 worker the encoding runs in the main process, where the Rust batch encoder may itself use several threads.
+* SFT: 10 MB of alpaca records cut from the same corpus, converted with the loss mask, against a loop of one
+  ``apply_chat_template(..., return_assistant_tokens_mask=True)`` call per record.
 
 The corpus is deterministic (numpy seed 0): Zipf-distributed pseudo-words in sentences, document lengths
 log-normal around ~1 kB, like web text. A byte-level BPE tokenizer (vocab 16k) is trained on a 2 MB sample.
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 CORPUS_MB = float(os.environ.get("DSFT_BENCH_CONVERT_MB", "50"))
+SFT_MB = float(os.environ.get("DSFT_BENCH_CONVERT_SFT_MB", "10"))
 VOCAB_SIZE = 16_000
 BATCH = 1024
 
@@ -79,6 +82,50 @@ def _raw_batch(texts: list[str], tokenizer) -> int:
     return tokens
 
 
+def generate_alpaca(path: Path, text_corpus: Path, megabytes: float) -> tuple[int, int]:
+    """Alpaca records cut from the text corpus (instruction ~1/4, output ~3/4 of a document); returns (docs, bytes)."""
+    target = int(megabytes * 1e6)
+    docs = written = 0
+    with open(text_corpus, encoding="utf-8") as src, open(path, "w", encoding="utf-8") as out:
+        for line in src:
+            text = json.loads(line)["text"][:2000]
+            cut = len(text) // 4
+            record = json.dumps({"instruction": text[:cut], "input": "", "output": text[cut:]}) + "\n"
+            out.write(record)
+            docs += 1
+            written += len(record.encode())
+            if written >= target:
+                break
+    return docs, written
+
+
+def _reference_sft(path: Path, tokenizer) -> tuple[int, int]:
+    """One apply_chat_template call per record, with the assistant mask: the plain SFT loop."""
+    docs = tokens = 0
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            messages = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            docs += 1
+            tokens += len(out["input_ids"])
+    return docs, tokens
+
+
+def _table(rows: list[dict], n_bytes: int) -> list[str]:
+    ref = next(r for r in rows if r["method"].startswith("reference"))
+    lines = ["| method | seconds | docs/s | tokens/s | MB/s | vs reference |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        r["vs_reference"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        lines.append(
+            f"| {r['method']} | {r['seconds']:.1f} | {r['docs_per_s']:,.0f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['mb_per_s']:.1f} | {r['vs_reference']:.2f}× |"
+        )
+    return lines
+
+
 def run() -> dict:
     """Run the benchmark; returns ``{"title", "markdown", "data"}`` for ``benchmarks.run``."""
     from transformers import AutoTokenizer
@@ -91,6 +138,7 @@ def run() -> dict:
         corpus = work / "corpus.jsonl"
         t0 = time.perf_counter()
         n_docs, n_bytes = generate_corpus(corpus, CORPUS_MB)
+        sft_docs, sft_bytes = generate_alpaca(work / "alpaca.jsonl", corpus, SFT_MB)
         gen_s = time.perf_counter() - t0
         sample = []
         with open(corpus, encoding="utf-8") as fh:
@@ -103,57 +151,71 @@ def run() -> dict:
         train_tokenizer(work / "tok", sample, vocab_size=VOCAB_SIZE)
         tokenizer = AutoTokenizer.from_pretrained(work / "tok")
 
-        rows = []
+        def row(name: str, seconds: float, docs: int, tokens: int, nbytes: int) -> dict:
+            return {
+                "method": name,
+                "seconds": seconds,
+                "docs_per_s": docs / seconds,
+                "tokens_per_s": tokens / seconds,
+                "mb_per_s": nbytes / 1e6 / seconds,
+            }
 
-        def add(name: str, seconds: float, docs: int, tokens: int) -> None:
-            rows.append(
-                {
-                    "method": name,
-                    "seconds": seconds,
-                    "docs_per_s": docs / seconds,
-                    "tokens_per_s": tokens / seconds,
-                    "mb_per_s": n_bytes / 1e6 / seconds,
-                }
-            )
-
-        # Converter runs first: fork after the Rust pool has been used makes tokenizers drop to one thread.
-        for workers in (2, 1):
+        def timed_convert(src: Path, fmt: str, workers: int, nbytes: int) -> tuple[dict, int]:
             t0 = time.perf_counter()
-            res = convert(corpus, work / f"out{workers}", tokenizer, fmt="text", workers=workers, progress=False)
-            add(f"data_tools.convert, {workers} worker{'s' if workers > 1 else ''}", time.perf_counter() - t0,
-                res.meta["counts"]["documents"], res.meta["counts"]["tokens"])  # fmt: skip
+            res = convert(src, work / f"out_{fmt}{workers}", tokenizer, fmt=fmt, workers=workers, progress=False)
+            name = f"data_tools.convert, {workers} worker{'s' if workers > 1 else ''}"
+            c = res.meta["counts"]
+            return row(name, time.perf_counter() - t0, c["documents"], c["tokens"], nbytes), c["tokens"]
+
+        # Converter runs first: forking after the Rust thread pool has been used makes tokenizers drop to one thread.
+        text_rows, sft_rows = [], []
+        for workers in (2, 1):
+            r, text_tokens = timed_convert(corpus, "text", workers, n_bytes)
+            text_rows.append(r)
+            r, sft_tokens = timed_convert(work / "alpaca.jsonl", "alpaca", workers, sft_bytes)
+            sft_rows.append(r)
+
         t0 = time.perf_counter()
         ref_docs, ref_tokens = _reference(corpus, tokenizer)
-        add("reference: tokenizer(text) loop, 1 process", time.perf_counter() - t0, ref_docs, ref_tokens)
-        assert ref_tokens == res.meta["counts"]["tokens"], "converter and reference disagree on the token count"
+        text_rows.append(
+            row("reference: tokenizer(text) loop", time.perf_counter() - t0, ref_docs, ref_tokens, n_bytes)
+        )
+        assert ref_tokens == text_tokens, "converter and reference disagree on the token count"
+        t0 = time.perf_counter()
+        docs, tokens = _reference_sft(work / "alpaca.jsonl", tokenizer)
+        sft_rows.append(row("reference: apply_chat_template loop", time.perf_counter() - t0, docs, tokens, sft_bytes))
+        assert tokens == sft_tokens, "converter and reference disagree on the SFT token count"
 
         with open(corpus, encoding="utf-8") as fh:
             texts = [json.loads(line)["text"] for line in fh]
         t0 = time.perf_counter()
         raw_tokens = _raw_batch(texts, tokenizer)
-        add("HF tokenizers encode_batch_fast (in memory, all cores)", time.perf_counter() - t0, len(texts), raw_tokens)
+        text_rows.append(
+            row(
+                "HF tokenizers encode_batch_fast (in memory)", time.perf_counter() - t0, len(texts), raw_tokens, n_bytes
+            )
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    ref = next(r for r in rows if r["method"].startswith("reference"))
-    for r in rows:
-        r["vs_reference"] = r["tokens_per_s"] / ref["tokens_per_s"]
     lines = [
-        f"Corpus: {n_bytes / 1e6:.1f} MB jsonl, {n_docs:,} documents, {ref_tokens:,} tokens "
-        f"(byte-level BPE, vocab {len(tokenizer):,}); generated in {gen_s:.1f}s; {os.cpu_count()} cores.",
+        f"Text: {n_bytes / 1e6:.1f} MB jsonl, {n_docs:,} documents, {ref_tokens:,} tokens (byte-level BPE, vocab "
+        f"{len(tokenizer):,}); corpora generated in {gen_s:.1f}s; {os.cpu_count()} cores. Reference = one process, "
+        "one document per call, reading and json.loads included.",
         "",
-        "| method | seconds | docs/s | tokens/s | MB/s | vs reference |",
-        "|---|---:|---:|---:|---:|---:|",
+        *_table(text_rows, n_bytes),
+        "",
+        f"SFT (alpaca, ChatML template, loss mask): {sft_bytes / 1e6:.1f} MB, {sft_docs:,} records.",
+        "",
+        *_table(sft_rows, sft_bytes),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['seconds']:.1f} | {r['docs_per_s']:,.0f} | {r['tokens_per_s']:,.0f} "
-            f"| {r['mb_per_s']:.1f} | {r['vs_reference']:.2f}× |"
-        )
     return {
         "title": "jsonl → mmap conversion throughput",
         "markdown": "\n".join(lines),
-        "data": {"corpus_bytes": n_bytes, "documents": n_docs, "tokens": ref_tokens, "rows": rows},
+        "data": {
+            "text": {"corpus_bytes": n_bytes, "documents": n_docs, "tokens": ref_tokens, "rows": text_rows},
+            "sft": {"corpus_bytes": sft_bytes, "documents": sft_docs, "rows": sft_rows},
+        },
     }
 
 
