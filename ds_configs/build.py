@@ -41,11 +41,12 @@ FP16_SECTION = {
     "hysteresis": 2,
     "min_loss_scale": 1,
 }
-# libaio settings for NVMe offload (DeepSpeed ZeRO-Infinity tutorial values).
+# libaio settings for NVMe offload (DeepSpeed ZeRO-Infinity tutorial values; DeepSpeed >= 0.15 reads
+# "intra_op_parallelism" where older docs say "thread_count", which it now ignores).
 AIO_SECTION = {
     "block_size": 1_048_576,
     "queue_depth": 8,
-    "thread_count": 1,
+    "intra_op_parallelism": 1,
     "single_submit": False,
     "overlap_events": True,
 }

@@ -231,13 +231,17 @@ def suggest(req: Request) -> list[str]:
             cheapest_gpu = (name, est)
     if cheapest_gpu:
         name, est = cheapest_gpu
-        tips.append(f"a GPU with >= {est.gpu_with_margin / GiB:.0f} GiB ({name}, micro batch 1)")
+        needs = []
+        if est.gpu_with_margin > req.gpu_mem:
+            needs.append(f"GPUs with >= {est.gpu_with_margin / GiB:.1f} GiB")
         if req.cpu_mem is not None and est.cpu * (1 + MARGIN_FRACTION) > req.cpu_mem:
-            tips.append(f"or >= {est.cpu * (1 + MARGIN_FRACTION) / GiB:.0f} GiB CPU memory per node for {name}")
+            needs.append(f">= {est.cpu * (1 + MARGIN_FRACTION) / GiB:.0f} GiB CPU memory per node")
+        if needs:
+            tips.append(f"{' and '.join(needs)} ({name}, the smallest GPU footprint, at micro batch 1)")
     for factor in (2, 4, 8, 16, 32, 64):
         more = Request(**{**req.__dict__, "nodes": req.nodes * factor})
         if any(c.fits for c in evaluate(more)):
-            tips.append(f"{more.world} GPUs ({more.nodes} nodes × {req.gpus_per_node})")
+            tips.append(f"{more.world} GPUs ({more.nodes} nodes × {req.gpus_per_node} GPUs per node)")
             break
     seq = req.seq_len // 2
     while seq >= 128:
