@@ -226,11 +226,13 @@ class StepWatchdog:
         """The checkpoint to resume from, as text for the message."""
         with self._lock:
             ckpt = self._checkpoint
-        if ckpt is None and self.ckpt_root is not None:
+        if self.ckpt_root is not None:
             from finetune.checkpoint import find_latest_checkpoint
 
-            # Sizes only: the process is about to exit and must not spend minutes hashing.
-            ckpt = find_latest_checkpoint(self.ckpt_root, verify_hashes=False)
+            # The disk, not the noted path, is the truth: a save can complete on disk while this rank's call of it
+            # fails in its closing barrier because the peer died right then. Sizes only: the process is about to
+            # exit and must not spend minutes hashing.
+            ckpt = find_latest_checkpoint(self.ckpt_root, verify_hashes=False) or ckpt
         if ckpt is None:
             return "no complete checkpoint yet: a restart starts from step 0"
         return f"resume from {ckpt} (restart the same command; train.resume=auto picks it up)"
