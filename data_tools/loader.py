@@ -103,7 +103,14 @@ class DistributedLoader:
         if epoch != self.epoch:
             self.epoch, self.batches_consumed = int(epoch), 0
 
+    def _roll_over(self) -> None:
+        """A position at the very end of an epoch is the start of the next one (a checkpoint taken right after the
+        last batch must resume into the next epoch, not into an empty iteration)."""
+        if self.batches_consumed >= len(self):
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
+
     def __iter__(self) -> Iterator[dict]:
+        self._roll_over()
         n, start = len(self), self.batches_consumed
         if self.is_webdataset:
             stream = webdataset_source.WebDatasetStream(self.source, self._slots, self.cfg, self.epoch)
@@ -118,8 +125,7 @@ class DistributedLoader:
         for batch in batches:
             self.batches_consumed += 1
             yield batch
-        if self.batches_consumed >= n:
-            self.epoch, self.batches_consumed = self.epoch + 1, 0
+        self._roll_over()
 
     def _iterate(self, dataset, **kw):
         if self.cfg.num_workers == 0 and not kw.get("sampler"):
@@ -129,6 +135,7 @@ class DistributedLoader:
     def state_dict(self) -> dict:
         """Position and everything that fixed the random order; all of it is plain ints and strings."""
         c = self.cfg
+        self._roll_over()
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,

@@ -299,6 +299,23 @@ def test_resume_sees_exactly_the_next_batches(sft, shards, which):
         _same(b1, b2)
 
 
+def test_checkpoint_right_after_the_last_batch_resumes_into_the_next_epoch(sft):
+    prefix, _ = sft
+    kw = dict(seq_len=128, micro_batch_size=4, seed=9)
+    run = build_dataloader(prefix, **kw)
+    it = iter(run)
+    for _ in range(len(run)):  # the trainer took the last batch but has not asked for one more yet
+        next(it)
+    state = run.state_dict()
+    assert (state["epoch"], state["batches_consumed"]) == (1, 0)
+    resumed = build_dataloader(prefix, **kw)
+    resumed.load_state_dict(state)
+    ref = build_dataloader(prefix, **kw)
+    ref.set_epoch(1)
+    for b1, b2 in zip(resumed, ref, strict=True):
+        _same(b1, b2)
+
+
 def test_resume_rejects_other_settings(sft):
     prefix, _ = sft
     state = build_dataloader(prefix, seq_len=128, micro_batch_size=2).state_dict()
