@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from finetune import distributed as dist
+from finetune.watchdog import is_peer_loss
 
 logger = logging.getLogger(__name__)
 
@@ -303,9 +304,9 @@ def save_checkpoint(
     t0 = time.perf_counter()
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    except torch.distributed.DistError:
-        raise  # a peer is gone: not a write failure, let the caller's fault handling see it
     except (OSError, RuntimeError) as e:
+        if is_peer_loss(e):
+            raise  # a peer is gone (gloo raises a plain RuntimeError): not a write failure; the watchdog reports it
         # torch.save reports ENOSPC/EFBIG as RuntimeError ("PytorchStreamWriter failed writing file ...").
         error = _detach(e, f"rank {rank}: DeepSpeed could not write {partial}")
         # DeepSpeed's save ends with a barrier that this rank skipped by raising inside a write; take part in it so
