@@ -11,8 +11,8 @@ place only when everything succeeded. Memory is bounded by the chunks in flight,
 Bad records (``--on-error fail``, the default) stop the run with ``file:line: what is wrong (format X)`` and a
 non-zero exit, leaving no output under the final names; ``--on-error skip`` drops them and counts them by reason in
 the meta. Samples over ``--max-length`` follow ``--over-length``: ``error`` (default; a bad record like the others),
-``truncate`` (keep the first N tokens; counted as ``truncated``) or ``drop`` (dropped and counted even with
-``--on-error fail``).
+``truncate`` (keep the first N tokens; counted as ``truncated``; an SFT sample left with no assistant token is
+dropped and counted) or ``drop`` (dropped and counted even with ``--on-error fail``).
 """
 
 from __future__ import annotations
@@ -377,7 +377,9 @@ def convert(
             for (s_idx, line_no), result in zip(where, results, strict=True):
                 if not isinstance(result, Encoded):
                     location = f"{sources[s_idx].path}:{line_no}"
-                    if on_error == "fail" and not (result.reason == "over_length" and over_length == "drop"):
+                    # Over-length samples under truncate/drop were accepted by the user: dropped and counted, not fatal.
+                    # (Under truncate only a sample whose assistant tokens were all cut off comes back rejected.)
+                    if on_error == "fail" and not (result.reason == "over_length" and over_length != "error"):
                         raise ConversionError(
                             f"{location}: {result.message} (format {fmt}); use --on-error skip to drop bad lines"
                         )

@@ -292,3 +292,11 @@ def test_json_array_parser_across_read_boundaries(tmp_path, tiny_tokenizer, monk
     assert [ds[0].tolist(), ds[1].tolist()] == [tiny_tokenizer(t)["input_ids"] for t in ("café au lait", "b")]
     assert res.meta["skipped"]["examples"] == [f"{array}:3: record must be a JSON object, got int"]
     assert res.meta["sources"][0]["sha256"] == hashlib.sha256(array.read_bytes()).hexdigest()
+
+
+def test_truncate_drops_sft_samples_left_without_answer(tmp_path, tiny_tokenizer):
+    long_prompt = {"instruction": "word " * 80, "output": "yes"}
+    src = _write_jsonl(tmp_path / "a.jsonl", [long_prompt, ALPACA[0]])
+    res = convert(src, tmp_path / "a", tiny_tokenizer, max_length=40, over_length="truncate", progress=False)
+    assert res.meta["counts"]["documents"] == 1 and res.meta["skipped"]["by_reason"] == {"over_length": 1}
+    assert "removes every assistant token" in res.meta["skipped"]["examples"][0]
