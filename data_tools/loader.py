@@ -69,7 +69,7 @@ class DistributedLoader:
         epoch: the epoch being (or about to be) iterated.
         batches_consumed: batches of this epoch already handed out (counted when yielded).
         stats: ``PackingStats`` of the current epoch for this rank (mmap path: exact from the plan; WebDataset:
-            counted as batches are made, in the main process only when ``num_workers == 0``).
+            counted as batches are made, including skipped ones on resume, and only when ``num_workers == 0``).
     """
 
     def __init__(self, source, cfg: LoaderConfig):
@@ -114,6 +114,7 @@ class DistributedLoader:
         n, start = len(self), self.batches_consumed
         if self.is_webdataset:
             stream = webdataset_source.WebDatasetStream(self.source, self._slots, self.cfg, self.epoch)
+            self.stats = stream.stats  # filled as batches are made (stays empty when workers make them)
             # Streams are deterministic, so resuming = regenerating and skipping the consumed batches.
             batches = itertools.islice(self._iterate(stream, batch_size=None), start, n)
         else:

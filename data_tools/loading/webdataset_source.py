@@ -23,7 +23,7 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_tools.loading.packing import FirstFitPacker, collate_packed, collate_padded
+from data_tools.loading.packing import FirstFitPacker, PackingStats, collate_packed, collate_padded
 
 INDEX_FORMAT = "dsft-webdataset/1"
 
@@ -214,6 +214,7 @@ class WebDatasetStream(IterableDataset):
 
     def __init__(self, source: WebDatasetSource, slots: list[list[int]], cfg, epoch: int):
         self.source, self.cfg, self.epoch = source, cfg, epoch
+        self.stats = PackingStats()  # of the batches made in this process (the main one when num_workers == 0)
         nw = max(1, cfg.num_workers)
         self.my_slots = slots[cfg.rank * nw : (cfg.rank + 1) * nw]
 
@@ -237,6 +238,22 @@ class WebDatasetStream(IterableDataset):
             stages.append(wds.map(_decode))
             yield from wds.DataPipeline(*stages)
 
+    def _clip(self, ids: np.ndarray, lm: np.ndarray | None):
+        t = self.cfg.seq_len
+        if len(ids) > t:
+            self.stats.truncated_samples += 1
+            self.stats.truncated_tokens += len(ids) - t
+        return ids[:t], (lm[:t] if lm is not None else None)
+
+    def _count(self, batch: dict) -> dict:
+        st = self.stats
+        st.rows += batch["input_ids"].shape[0]
+        st.real_tokens += batch["num_real_tokens"]
+        st.total_tokens += batch["input_ids"].numel()
+        if self.cfg.packing != "packed":  # packed rows count their samples as they are added
+            st.samples += batch["input_ids"].shape[0]
+        return batch
+
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
@@ -250,22 +267,21 @@ class WebDatasetStream(IterableDataset):
                 if lm is None:  # text: a long document is cut into row-sized pieces, not truncated (nothing lost)
                     pieces = [(ids[i : i + t], None) for i in range(0, len(ids), t)]
                 else:  # SFT: a sample is never split; an over-long one is truncated
-                    pieces = [(ids[:t], lm[:t])]
+                    pieces = [self._clip(ids, lm)]
+                self.stats.samples += len(pieces)
                 for piece in pieces:
                     rows.extend(packer.add(piece, len(piece[0])))
                 while len(rows) >= b:
-                    yield collate_packed(rows[:b], t, cfg.pad_id, cfg.attention)
+                    yield self._count(collate_packed(rows[:b], t, cfg.pad_id, cfg.attention))
                     rows = rows[b:]
         elif cfg.packing == "bucket":
             rng = np.random.default_rng(seed)
             while True:
-                group = [next(samples)[1:] for _ in range(b * 50)]
-                group = [(ids[:t], lm[:t] if lm is not None else None) for ids, lm in group]
+                group = [self._clip(*next(samples)[1:]) for _ in range(b * 50)]
                 group.sort(key=lambda s: -len(s[0]))
                 batches = [group[i : i + b] for i in range(0, len(group), b)]
                 for k in rng.permutation(len(batches)):
-                    yield collate_padded(batches[k], cfg.pad_id)
+                    yield self._count(collate_padded(batches[k], cfg.pad_id))
         else:
             while True:
-                group = [next(samples)[1:] for _ in range(b)]
-                yield collate_padded([(ids[:t], lm[:t] if lm is not None else None) for ids, lm in group], cfg.pad_id)
+                yield self._count(collate_padded([self._clip(*next(samples)[1:]) for _ in range(b)], cfg.pad_id))

@@ -221,6 +221,10 @@ def test_webdataset_uneven_shards_equal_counts_disjoint(shards, packing, num_wor
         )
         batches = list(loader)
         counts.append((len(loader), len(batches)))
+        if num_workers == 0:  # stats are counted in the process that makes the batches
+            assert loader.stats.real_tokens == sum(bt["num_real_tokens"] for bt in batches)
+            assert loader.stats.rows == 4 * len(batches)
+            assert loader.stats.efficiency > (0.9 if packing != "padding" else 0.3)
         per_rank.append([i for bt in batches for i in sample_ids(bt)])
     assert counts[0] == counts[1] and counts[0][0] == counts[0][1] > 0
     a, b = set(per_rank[0]), set(per_rank[1])
