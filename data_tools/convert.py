@@ -44,7 +44,8 @@ LOSS_MASK_SUFFIX = "_loss_mask"
 CHUNK_RECORDS = 1024  # records per work unit: large enough to amortise IPC and batch encoding, small for latency
 CHUNK_BYTES = 4 << 20  # ...or this many input bytes, whichever comes first (bounds memory for long documents)
 ARRAY_READ_BYTES = 1 << 20  # read size of the incremental .json array parser
-MAX_SKIP_EXAMPLES = 20  # "file:line: reason" examples kept in the meta
+MAX_SKIP_EXAMPLES = 20
+AUTO_DETECT_RECORDS = 1000  # --format auto with --on-error skip: records looked at before giving up  # "file:line: reason" examples kept in the meta
 
 
 class ConversionError(RuntimeError):
@@ -212,21 +213,36 @@ def _chunks(sources: list[_Source]) -> Iterator[tuple[list[tuple[int, int]], lis
         yield where, payloads
 
 
-def _first_record(sources: list[_Source]) -> tuple[str, int, Any] | None:
-    """The first record that parses, for ``--format auto``.
-
-    Unparseable lines before it are left to the real pass, which reports them (or skips them) like any bad line.
-    """
+def _parsed_records(sources: list[_Source]) -> Iterator[tuple[str, int, Any]]:
+    """``(path, line, record)`` of the records that parse, from separate readers (the real pass hashes the files)."""
     for source in sources:
-        probe = _Source(source.path)  # a separate reader: the real pass must still hash the whole file
-        for line_no, payload in probe:
+        for line_no, payload in _Source(source.path):
             if not isinstance(payload, bytes):
-                return source.path, line_no, payload
-            try:
-                return source.path, line_no, _parse_json_line(payload)
-            except BadRecord:
+                yield source.path, line_no, payload
                 continue
-    return None
+            try:
+                yield source.path, line_no, _parse_json_line(payload)
+            except BadRecord:
+                continue  # left to the real pass, which reports or skips it like any bad line
+
+
+def _detect(sources: list[_Source], text_key: str, on_error: str) -> str:
+    """``--format auto``: the format of the first record that parses.
+
+    With ``--on-error skip``, records whose keys fit no format are passed over (up to ``AUTO_DETECT_RECORDS``);
+    they are skipped and counted by the real pass.
+    """
+    first_error = None
+    for n, (path, line_no, record) in enumerate(_parsed_records(sources)):
+        try:
+            return detect_format(record, text_key)
+        except FormatError as exc:
+            first_error = first_error or ConversionError(f"{path}:{line_no}: {exc}")
+            if on_error == "fail" or n + 1 >= AUTO_DETECT_RECORDS:
+                raise first_error from exc
+    if first_error is not None:
+        raise first_error
+    raise ConversionError(f"{', '.join(s.path for s in sources)}: no records; nothing to convert")
 
 
 def _load_tokenizer(tokenizer):
@@ -326,13 +342,7 @@ def convert(
     tok = _load_tokenizer(tokenizer)
     sources = [_Source(p) for p in paths]
     if fmt == "auto":
-        first = _first_record(sources)
-        if first is None:
-            raise ConversionError(f"{', '.join(map(str, paths))}: no records; nothing to convert")
-        try:
-            fmt = detect_format(first[2], text_key)
-        except FormatError as exc:
-            raise ConversionError(f"{first[0]}:{first[1]}: {exc}") from exc
+        fmt = _detect(sources, text_key, on_error)
     has_mask = fmt in SFT_FORMATS
     dtype = indexed.token_dtype_for_vocab(len(tok))
     encoder_kwargs = dict(

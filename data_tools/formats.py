@@ -394,16 +394,21 @@ class SampleEncoder:
     def _encode_conversations(self, conversations: list[list[dict]]) -> list:
         if self.mask_method == "prefix":
             return self._prefix_masks(conversations)
+        return self._generation_masks(conversations)
+
+    def _encode_payloads(self, payloads: list) -> list:
+        """Encode texts or conversations in one batch; if the batch fails, find the records to blame one by one."""
+        encode = self._encode_texts if self.fmt == "text" else self._encode_conversations
         try:
-            return self._generation_masks(conversations)
-        except Exception:  # noqa: BLE001 - a template error in one sample must not hide which sample it was
-            results = []
-            for messages in conversations:
+            return encode(payloads)
+        except Exception:  # noqa: BLE001 - one bad record must not hide which one it was: retried per record below
+            out = []
+            for payload in payloads:
                 try:
-                    results.append(self._generation_masks([messages])[0])
-                except Exception as exc:  # noqa: BLE001 - reported per sample as a Rejected with the cause
-                    results.append(BadRecord("template", f"the chat template failed: {type(exc).__name__}: {exc}"))
-            return results
+                    out.append(encode([payload])[0])
+                except Exception as exc:  # noqa: BLE001 - reported for this record as a Rejected with the cause
+                    out.append(_unencodable(payload, exc))
+            return out
 
     # -- common -----------------------------------------------------------------------------------------------------
     def _finish(self, ids, mask) -> Encoded | Rejected:
@@ -445,18 +450,28 @@ class SampleEncoder:
                 results[n] = Rejected(bad.reason, bad.message)
         if not todo:
             return results  # type: ignore[return-value]
-        if self.fmt == "text":
-            for n, ids in zip(todo, self._encode_texts(payloads), strict=True):
-                if self.eod is not None:
-                    ids = [*ids, self.eod]
-                results[n] = self._finish(ids, None)
-        else:
-            for n, item in zip(todo, self._encode_conversations(payloads), strict=True):
-                if isinstance(item, BadRecord):
-                    results[n] = Rejected(item.reason, item.message)
-                else:
-                    results[n] = self._finish(*item)
+        for n, item in zip(todo, self._encode_payloads(payloads), strict=True):
+            if isinstance(item, BadRecord):
+                results[n] = Rejected(item.reason, item.message)
+            elif self.fmt == "text":
+                results[n] = self._finish([*item, self.eod] if self.eod is not None else item, None)
+            else:
+                results[n] = self._finish(*item)
         return results  # type: ignore[return-value]
+
+
+def _unencodable(payload: str | list[dict], exc: Exception) -> BadRecord:
+    """Why one text/conversation could not be tokenized, in words a user can act on."""
+    texts = [payload] if isinstance(payload, str) else [m["content"] for m in payload]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            # JSON allows "\ud800" escapes that decode to half a UTF-16 pair: not text, and tokenizers reject it.
+            return BadRecord("bad_encoding", f"contains a lone UTF-16 surrogate ({text[err.start]!r}), not valid text")
+    reason = "tokenizer" if isinstance(payload, str) else "template"
+    what = "the tokenizer" if isinstance(payload, str) else "the chat template / tokenizer"
+    return BadRecord(reason, f"{what} failed on this record: {type(exc).__name__}: {exc}")
 
 
 def parse_json_line(raw: bytes) -> Any:

@@ -300,3 +300,15 @@ def test_truncate_drops_sft_samples_left_without_answer(tmp_path, tiny_tokenizer
     res = convert(src, tmp_path / "a", tiny_tokenizer, max_length=40, over_length="truncate", progress=False)
     assert res.meta["counts"]["documents"] == 1 and res.meta["skipped"]["by_reason"] == {"over_length": 1}
     assert "removes every assistant token" in res.meta["skipped"]["examples"][0]
+
+
+def test_auto_detection_with_skip_passes_over_unknown_records(tmp_path, tiny_tokenizer):
+    src = tmp_path / "g.jsonl"
+    src.write_text('12\n{"prompt": "x"}\n' + json.dumps(MESSAGES[0]) + "\n")
+    res = convert(src, tmp_path / "g", tiny_tokenizer, on_error="skip", progress=False)
+    assert res.meta["format"] == "messages" and res.meta["counts"]["skipped"] == 2
+    with pytest.raises(ConversionError, match=r"g.jsonl:1: cannot detect the format from a int record"):
+        convert(src, tmp_path / "g2", tiny_tokenizer, progress=False)
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ConversionError, match="blank.jsonl: no records"):
+        convert(tmp_path / "blank.jsonl", tmp_path / "b", tiny_tokenizer, progress=False)

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -232,3 +234,15 @@ def test_template_exceptions_become_rejected_records(tiny_tokenizer_dir, with_ge
     ok, bad = SampleEncoder(tok, "messages").encode_batch([good, {"messages": CONVERSATION}])
     assert isinstance(ok, Encoded) and _masked_pieces(tok, ok.ids, ok.mask) == ["42.<|im_end|>"]
     assert bad.reason == "template" and "must start with user" in bad.message
+
+
+@pytest.mark.parametrize("method", ["generation", "prefix"])
+def test_lone_surrogate_rejects_only_its_record(tiny_tokenizer, no_generation_tokenizer, method):
+    tok = tiny_tokenizer if method == "generation" else no_generation_tokenizer
+    bad_text = json.loads('"a\\ud800b"')  # valid JSON, not valid Unicode text
+    good = {"messages": CONVERSATION[1:3]}
+    bad = {"messages": [{"role": "user", "content": bad_text}, {"role": "assistant", "content": "x"}]}
+    ok, rejected = SampleEncoder(tok, "messages").encode_batch([good, bad])
+    assert isinstance(ok, Encoded) and rejected.reason == "bad_encoding" and "lone UTF-16 surrogate" in rejected.message
+    ok, rejected = SampleEncoder(tok, "text").encode_batch([{"text": "fine"}, {"text": bad_text}])
+    assert ok.ids.tolist() == tiny_tokenizer("fine")["input_ids"] and rejected.reason == "bad_encoding"
