@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -342,7 +343,19 @@ def test_two_real_ranks_under_the_deepspeed_launcher(sft, shards, tmp_path):
     (prefix, samples), (index, wds_samples) = sft, shards
     script = Path(__file__).with_name("loader_ranks_script.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29517", str(script)]
+    with socket.socket() as sock:  # a free port: other launcher tests may run at the same time
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        str(script),
+    ]
     cmd += ["--source", prefix, "--source", index, "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
