@@ -86,8 +86,13 @@ def resolve_data(path: str, cfg: Config, tokenizer) -> str:
     return str(p)
 
 
-def run(cfg: Config) -> dict:
-    """Train according to ``cfg`` on every rank of the launcher; returns a summary (main rank: also summary.json)."""
+def run(cfg: Config, require_loss_mask: bool = False) -> dict:
+    """Train according to ``cfg`` on every rank of the launcher; returns a summary (main rank: also summary.json).
+
+    Args:
+        cfg: the validated config.
+        require_loss_mask: SFT: refuse mmap data without a ``_loss_mask`` (the loss would count prompt tokens).
+    """
     import deepspeed
 
     from data_tools.loader import build_dataloader
@@ -123,7 +128,13 @@ def run(cfg: Config) -> dict:
         num_workers=cfg.data.num_workers,
         pad_id=tokenizer.pad_token_id,
     )
-    loader = build_dataloader(resolve_data(cfg.data.train, cfg, tokenizer), shuffle=True, drop_last=True, **common)
+    train_src = resolve_data(cfg.data.train, cfg, tokenizer)
+    if require_loss_mask and not train_src.endswith(".json") and not Path(f"{train_src}_loss_mask.idx").exists():
+        raise ConfigError(
+            f"data.train={cfg.data.train}: no loss mask ({train_src}_loss_mask.idx), so the loss would count prompt "
+            "tokens too; convert chat/instruction data (data.format=messages|alpaca|sharegpt) or use full.py for text"
+        )
+    loader = build_dataloader(train_src, shuffle=True, drop_last=True, **common)
     eval_loader = None
     if cfg.data.eval:
         eval_src = resolve_data(cfg.data.eval, cfg, tokenizer)
@@ -383,11 +394,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def main(defaults: dict | None = None, argv: list[str] | None = None) -> int:
+def main(
+    defaults: dict | None = None,
+    methods: tuple[str, ...] | None = None,
+    require_loss_mask: bool = False,
+    argv: list[str] | None = None,
+) -> int:
     """Recipe entry point: ``--config X.yaml key=value ...``; validates before any process starts talking.
 
     Args:
-        defaults: what the recipe fixes (e.g. ``{"method": {"name": "lora"}}``); the YAML and overrides win.
+        defaults: what the recipe sets unless the YAML or an override says otherwise (e.g. the method name).
+        methods: the ``method.name`` values this recipe accepts (None: any).
+        require_loss_mask: passed to ``run`` (the SFT recipe).
         argv: arguments (default ``sys.argv[1:]``); ``--local_rank=N`` from the deepspeed launcher is accepted.
     """
     import argparse
@@ -405,12 +423,21 @@ def main(defaults: dict | None = None, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides, defaults)
+        if methods and cfg.method.name not in methods:
+            raise ConfigError(
+                f"method.name={cfg.method.name} is not trained by this recipe (it takes {', '.join(methods)}); "
+                "use the matching recipe (full.py, lora.py, ptuning_v2.py, prompt_tuning.py) or sft.py"
+            )
         cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        run(cfg)
+        run(cfg, require_loss_mask=require_loss_mask)
+    except ConfigError as e:
+        if dist.is_main():
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
     except TrainingAborted as e:
         print(f"[dsft] training aborted on rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_STEPS

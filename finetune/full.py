@@ -16,4 +16,4 @@ if __package__ in (None, ""):  # run as a script by the launcher: make the repo 
 from finetune.engine import main
 
 if __name__ == "__main__":
-    sys.exit(main(defaults={"method": {"name": "full"}}))
+    sys.exit(main(defaults={"method": {"name": "full"}}, methods=("full",)))

@@ -1,0 +1,130 @@
+"""Turn training outputs into plain Hugging Face models (console script ``dsft-export``).
+
+    # LoRA/QLoRA adapter + its base -> one merged model that from_pretrained loads without PEFT
+    python -m finetune.export merge --adapter runs/lora/final --out runs/lora/merged
+
+    # a DeepSpeed ZeRO checkpoint (any stage, any world size) -> fp32 weights (full model or PEFT adapter)
+    python -m finetune.export zero --checkpoint runs/full/checkpoints --out runs/full/step_weights
+
+``zero`` consolidates the per-rank fp32 optimizer partitions with DeepSpeed's ``zero_to_fp32`` (the master weights,
+more precise than the 16-bit ``final/``), then writes them like ``final/``: a ``save_pretrained`` model for full
+fine-tuning, an adapter folder for PEFT methods. The run's ``config.json`` (next to ``checkpoints/``) says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def merge_adapter(
+    adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "float32"
+) -> Path:
+    """Merge a LoRA adapter into its base model and ``save_pretrained`` the result (safetensors) with the tokenizer.
+
+    Args:
+        adapter_dir: a PEFT adapter folder (``output_dir/final`` of a LoRA/QLoRA run).
+        out_dir: where the merged model goes.
+        base: base model id/path; default: ``base_model_name_or_path`` recorded in the adapter config.
+        dtype: dtype of the merged weights (float32, bfloat16, float16). A QLoRA base is loaded unquantized.
+
+    Returns:
+        ``out_dir``.
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    peft_cfg = PeftConfig.from_pretrained(adapter_dir)
+    if peft_cfg.peft_type.value not in ("LORA",):
+        raise ValueError(
+            f"{adapter_dir}: a {peft_cfg.peft_type.value} adapter cannot be merged into the weights (only LoRA can); "
+            "load it with PeftModel.from_pretrained instead"
+        )
+    base = base or peft_cfg.base_model_name_or_path
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
+    AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
+    return out_dir
+
+
+def consolidate_zero(checkpoint: str | Path, out_dir: str | Path, run_config: str | Path | None = None) -> Path:
+    """Consolidate a ZeRO checkpoint to fp32 and save it as an HF model (full) or PEFT adapter (other methods).
+
+    Args:
+        checkpoint: a ``step_XXXXXXXX`` directory, or the ``checkpoints`` root (its newest complete checkpoint).
+        out_dir: output directory.
+        run_config: the run's ``config.json``; default: ``<checkpoint root>/../config.json``.
+
+    Returns:
+        ``out_dir``.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from finetune.checkpoint import find_latest_checkpoint
+    from finetune.config import load_config
+    from finetune.methods import get_method
+    from finetune.model import load_tokenizer
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    step_dir = checkpoint if (checkpoint / "manifest.json").exists() else find_latest_checkpoint(checkpoint)
+    if step_dir is None:
+        raise FileNotFoundError(f"{checkpoint}: no complete checkpoint (step_*/manifest.json) found")
+    run_config = Path(run_config) if run_config else step_dir.parent.parent / "config.json"
+    if not run_config.exists():
+        raise FileNotFoundError(f"{run_config}: the run's config.json is needed to rebuild the model; pass --config")
+    cfg = load_config(None, [], json.loads(run_config.read_text()))
+    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.name_or_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if cfg.is_peft:
+        cfg.model.gradient_checkpointing = False
+        if cfg.method.name == "qlora":
+            cfg.method.name = "lora"  # same adapter shapes; the export has an unquantized base
+        model = get_method(cfg.method.name).prepare(model, cfg)
+    missing, unexpected = model.load_state_dict(state, strict=not cfg.is_peft)
+    if unexpected:
+        raise ValueError(f"{step_dir}: {len(unexpected)} checkpoint tensors fit no parameter, e.g. {unexpected[:3]}")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(cfg).save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dsft-export merge|zero ...``."""
+    parser = argparse.ArgumentParser(prog="dsft-export", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
+    m.add_argument("--adapter", required=True, help="adapter folder (output_dir/final)")
+    m.add_argument("--out", required=True, help="output directory for the merged model")
+    m.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
+    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    z = sub.add_parser("zero", help="consolidate a ZeRO checkpoint to fp32 HF weights / adapter")
+    z.add_argument("--checkpoint", required=True, help="step_XXXXXXXX directory or the checkpoints root")
+    z.add_argument("--out", required=True, help="output directory")
+    z.add_argument("--config", default=None, help="the run's config.json (default: next to checkpoints/)")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "merge":
+            out = merge_adapter(args.adapter, args.out, args.base, args.dtype)
+        else:
+            out = consolidate_zero(args.checkpoint, args.out, args.config)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"dsft-export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

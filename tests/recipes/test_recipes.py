@@ -1,0 +1,93 @@
+"""Every recipe through the real ``deepspeed --num_gpus 2`` launcher on CPU: it trains (loss falls), and what it
+leaves in ``final/`` reloads with ``from_pretrained`` / ``PeftModel.from_pretrained`` with the eval loss the run
+reported at its end. The method x ZeRO-stage matrix is spread over the tests so each launch (~20 s, mostly imports)
+covers one cell: full/2 (+ export), lora/2 (+ merge, + ZeRO checkpoint export), full/3, prefix/0, prompt/3,
+qlora/2; full/3 with optimizer offload is `slow` (DeepSpeedCPUAdam is JIT-compiled on first use, minutes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.recipes.conftest import losses, metrics, reloaded_eval_loss, run_recipe
+
+
+def _final_eval(out):
+    rows = [r for r in metrics(out, "eval") if r.get("final")]
+    assert rows, "no final eval row in metrics.jsonl"
+    return rows[-1]["loss"]
+
+
+def _assert_trains(out, min_drop: float):
+    curve = losses(out)
+    steps = sorted(curve)
+    first, last = curve[steps[0]], curve[steps[-1]]
+    assert last < first - min_drop, f"loss did not fall by {min_drop}: {first:.4f} -> {last:.4f} ({curve})"
+
+
+CASES = [
+    # recipe, method, zero stage, extra overrides, minimum loss drop
+    pytest.param("full", "full", 3, ["train.lr=3e-3"], 1.0, id="full-zero3"),
+    pytest.param("ptuning_v2", "prefix", 0, ["train.lr=3e-2"], 0.02, id="prefix-zero0"),
+    pytest.param("prompt_tuning", "prompt", 3, ["train.lr=1e-1"], 0.01, id="prompt-zero3"),
+    pytest.param("lora", "qlora", 2, ["method.name=qlora", "train.lr=1e-2"], 0.2, id="qlora4bit-zero2"),
+    pytest.param(
+        "full",
+        "full",
+        3,
+        ["train.lr=3e-3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu"],
+        1.0,
+        id="full-zero3-offload",
+        marks=pytest.mark.slow,
+    ),
+]
+
+
+@pytest.mark.parametrize("recipe,method,stage,extra,min_drop", CASES)
+def test_method_trains_and_final_reloads(
+    tmp_path, tiny_llama_dir, counting_data, recipe, method, stage, extra, min_drop
+):
+    out = tmp_path / "run"
+    overrides = ["train.max_steps=16", "train.micro_batch_size=2", "train.grad_accum=2", f"zero.stage={stage}", *extra]
+    run_recipe(recipe, tiny_llama_dir, counting_data, out, *overrides)
+    _assert_trains(out, min_drop)
+    reloaded = reloaded_eval_loss(out, tiny_llama_dir, counting_data["eval"], method)
+    assert reloaded == pytest.approx(_final_eval(out), rel=1e-5, abs=1e-5)
+    assert (out / "loss.png").stat().st_size > 0 and list((out / "tensorboard").iterdir())
+
+
+def test_lora_zero2_checkpoint_merge_and_export(tmp_path, tiny_llama_dir, counting_data):
+    """LoRA on ZeRO-2 with checkpoints; the adapter, the merged model and the fp32 consolidation of the last ZeRO
+    checkpoint all give the run's final eval loss."""
+    from finetune.export import consolidate_zero, merge_adapter
+
+    out = tmp_path / "run"
+    overrides = ["train.max_steps=16", "train.micro_batch_size=2", "train.grad_accum=2", "zero.stage=2"]
+    run_recipe("lora", tiny_llama_dir, counting_data, out, *overrides, "train.lr=1e-2", "train.save_every=8")
+    _assert_trains(out, 0.3)
+    final = _final_eval(out)
+    assert reloaded_eval_loss(out, tiny_llama_dir, counting_data["eval"], "lora") == pytest.approx(final, rel=1e-5)
+    assert (out / "final" / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000008", "step_00000016"]
+
+    merged = merge_adapter(out / "final", tmp_path / "merged")
+    from_merged = reloaded_eval_loss(out, tiny_llama_dir, counting_data["eval"], "full", model_dir=merged)
+    assert from_merged == pytest.approx(final, rel=1e-4)
+
+    exported = consolidate_zero(out / "checkpoints", tmp_path / "zero_export")
+    from_zero = reloaded_eval_loss(out, tiny_llama_dir, counting_data["eval"], "lora", model_dir=exported)
+    assert from_zero == pytest.approx(final, rel=1e-5)
+
+
+def test_full_zero2_and_zero_checkpoint_export(tmp_path, tiny_llama_dir, counting_data):
+    """Full fine-tuning on ZeRO-2; final/ is a complete HF model and equals the consolidated ZeRO checkpoint."""
+    from finetune.export import consolidate_zero
+
+    out = tmp_path / "run"
+    overrides = ["train.max_steps=12", "train.micro_batch_size=2", "train.grad_accum=2", "zero.stage=2"]
+    run_recipe("full", tiny_llama_dir, counting_data, out, *overrides, "train.lr=3e-3", "train.save_every=12")
+    _assert_trains(out, 1.0)
+    final = _final_eval(out)
+    assert reloaded_eval_loss(out, tiny_llama_dir, counting_data["eval"], "full") == pytest.approx(final, rel=1e-5)
+    exported = consolidate_zero(out / "checkpoints", tmp_path / "zero_export")
+    from_zero = reloaded_eval_loss(out, tiny_llama_dir, counting_data["eval"], "full", model_dir=exported)
+    assert from_zero == pytest.approx(final, rel=1e-5)
