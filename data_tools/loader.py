@@ -192,7 +192,7 @@ def build_dataloader(
 
     Args:
         source: an mmap prefix (``P`` for ``P.bin/.idx``, optional ``P_loss_mask.bin/.idx``) or the path of a
-            WebDataset ``index.json`` (format ``dsft-webdataset/1``).
+            WebDataset ``index.json`` (format ``dsft-webdataset/1``) or of its folder.
         seq_len: row length in tokens; longer samples are truncated (counted in ``loader.stats``).
         micro_batch_size: rows per batch.
         rank: this process's rank; world_size: number of ranks (the loader never asks torch.distributed).
@@ -230,6 +230,8 @@ def build_dataloader(
         shuffle_buffer=shuffle_buffer,
     )
     path = Path(source)
+    if path.is_dir() and (path / "index.json").is_file():  # a WebDataset folder given instead of its index
+        path = path / "index.json"
     if path.suffix == ".json":
         src = webdataset_source.WebDatasetSource(path)
     else:

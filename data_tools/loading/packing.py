@@ -146,15 +146,12 @@ def collate_packed(rows: list[list[tuple[np.ndarray, np.ndarray | None]]], seq_l
     return _finish(input_ids, labels, position_ids, real, attention)
 
 
-def collate_chunks(
-    input_ids: np.ndarray, position_ids: np.ndarray, attention: str, loss_mask: np.ndarray | None = None
-) -> dict:
-    """Megatron-style text chunks (B, T) with position ids already reset at document starts -> a batch."""
+def collate_chunks(input_ids: np.ndarray, position_ids: np.ndarray, attention: str) -> dict:
+    """Megatron-style text chunks (B, T) with position ids already reset at document starts -> a batch; every
+    token is a target except a document's (or chunk's) first, which nothing before it may predict."""
     input_ids = input_ids.astype(np.int64, copy=False)
     labels = input_ids.copy()
     labels[position_ids == 0] = IGNORE_INDEX
-    if loss_mask is not None:
-        labels[loss_mask == 0] = IGNORE_INDEX
     return _finish(input_ids, labels, position_ids, int(input_ids.size), attention)
 
 
