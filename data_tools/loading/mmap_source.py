@@ -119,17 +119,15 @@ def make_plan(source: MmapSource, *, epoch: int, cfg) -> tuple[list, PackingStat
     if cfg.packing == "packed":
         # Every rank packs every rank's share (lengths only, no token read) so all agree on the batch count:
         # the smallest (drop_last) or largest (wrap around) row count decides, else collectives would hang.
-        per_rank = []
+        counts = []
         for r in range(w):
             order = rank_order(len(source), rank=r, **kw)
-            rows = pack_lengths(lengths[order], t, cfg.pack_window)
-            per_rank.append([[int(order[p]) for p in row] for row in rows])
-            if r == cfg.rank:
-                mine = order
-        counts = [len(rows) for rows in per_rank]
+            packed = pack_lengths(lengths[order], t, cfg.pack_window)
+            counts.append(len(packed))
+            if r == cfg.rank:  # only this rank's rows are kept; the others only count
+                mine, rows = order, [[int(order[p]) for p in row] for row in packed]
         nb = min(counts) // b if cfg.drop_last else max(math.ceil(c / b) for c in counts)
         _check_nonempty(nb, f"{len(source)} samples", cfg)
-        rows = per_rank[cfg.rank]
         used = [rows[i % len(rows)] for i in range(nb * b)]
         plan = [used[i * b : (i + 1) * b] for i in range(nb)]
         real = int(sum(lengths[s] for row in used for s in row))
