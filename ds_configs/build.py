@@ -404,12 +404,17 @@ def _merge_user_config(generated: dict, user: dict, label: str, optimizer_given:
                 raise ValueError(f'{label}: "{path}" is "auto" but dsft has no value to fill it with; {hint}')
             continue  # ours is already in `merged`
         if is_argument:
-            if ours is _MISSING or not _same(value, ours):
+            if ours is _MISSING:
+                # The caller gave no value for this key (e.g. no nvme_path, an optimizer without betas): the
+                # user's explicit one stands; validate_ds_config still checks the result.
+                _set(merged, path, copy.deepcopy(value))
+                continue
+            if not _same(value, ours):
                 arg = _ARGUMENT_KEYS.get(path, "optimizer")
                 raise ValueError(
                     f'{label}: "{path}" is {json.dumps(value)} but the training config gives {arg} = '
-                    f'{json.dumps(ours) if ours is not _MISSING else "nothing"}; make them agree or write "auto" '
-                    "in the JSON to take the training config's value"
+                    f'{json.dumps(ours)}; make them agree or write "auto" in the JSON to take the training '
+                    "config's value"
                 )
             continue
         _set(merged, path, copy.deepcopy(value))

@@ -347,8 +347,10 @@ def model_state_bytes(
             cpu = load
         elif opt_off:
             # DeepSpeed stage 2 offload: only 16-bit weights stay on the GPU; grads are reduced into a CPU buffer.
+            # For full fine-tuning DeepSpeed's P·max(4N, 16) already exceeds the load peak P·4·gpn; for PEFT the
+            # load peak of the frozen base can be the larger one, so take the max (full: unchanged, still exact).
             gpu = w * trainable + base
-            cpu = trainable * max(4 * n_gpus, 16) * f
+            cpu = max(trainable * max(4 * n_gpus, 16), total * load_bytes_per_param * gpus_per_node) * f
         elif zero_stage == 1:
             gpu = (w + g) * trainable + base + int(opt * trainable / n_gpus)
             cpu = load

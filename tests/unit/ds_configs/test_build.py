@@ -199,3 +199,9 @@ def test_gpu_arch_names():
     assert gpu_arch_capability("8.9") == (8, 9)
     with pytest.raises(ValueError, match="unknown"):
         gpu_arch_capability("tpu")
+
+
+def test_user_value_for_an_argument_the_caller_left_unset_is_kept():
+    user = {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/local/nvme"}}}
+    cfg = make_ds_config(zero_stage=3, batch=PLAN, precision="bf16", offload_optimizer="nvme", user_config=user)
+    assert cfg["zero_optimization"]["offload_optimizer"]["nvme_path"] == "/local/nvme"

@@ -164,3 +164,20 @@ def test_every_preset_fills_and_deepspeed_parses_it(name, tmp_path):
                 offload_params=par,
                 user_config=preset_path(name),
             )
+
+
+def test_readme_worked_examples_show_the_current_output(tmp_path, capsys):
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme[readme.index("<!-- section:ds_configs -->") : readme.index("<!-- /section:ds_configs -->")]
+    examples = re.findall(r"```text\n\$ (python -m ds_configs\.generate .*?--out \S+)\n(.*?)```", section, flags=re.S)
+    assert len(examples) == 2
+    for command, shown in examples:
+        args = shlex.split(command.replace("\\\n", " "))[3:]
+        args[args.index("--out") + 1] = str(tmp_path / "ds.json")
+        assert main(args) == 0
+        printed = capsys.readouterr().out.strip().splitlines()[:-1]  # last line: "wrote <path>"
+        assert printed == shown.strip().splitlines()[:-1], "README example is stale: rerun the command and paste"
