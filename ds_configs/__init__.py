@@ -5,7 +5,13 @@ lives only in :mod:`ds_configs.batch`.
 """
 
 from ds_configs.batch import BatchPlan, resolve_batch
-from ds_configs.build import load_user_config, make_ds_config, resolve_precision, validate_ds_config
+from ds_configs.build import (
+    load_user_config,
+    make_ds_config,
+    resolve_precision,
+    validate_ds_config,
+    zero_settings_from_json,
+)
 
 __all__ = [
     "BatchPlan",
@@ -14,4 +20,5 @@ __all__ = [
     "resolve_batch",
     "resolve_precision",
     "validate_ds_config",
+    "zero_settings_from_json",
 ]

@@ -243,6 +243,29 @@ def load_user_config(user_config: dict | str | Path) -> tuple[dict, str]:
     return data, str(path)
 
 
+def zero_settings_from_json(user_config: dict | str | Path) -> dict[str, Any]:
+    """The explicit ZeRO choices in a user's JSON or a preset, as ``make_ds_config`` keyword arguments.
+
+    Lets a caller default its own settings to what a chosen JSON says (e.g. ``deepspeed=presets/zero3_offload.json``
+    implies ``zero_stage=3, offload_optimizer="cpu", offload_params="cpu"``) instead of contradicting it.
+    ``"auto"`` and absent values are left out.
+    """
+    cfg, _ = load_user_config(user_config)
+    found: dict[str, Any] = {}
+    for key, path in (
+        ("zero_stage", "zero_optimization.stage"),
+        ("offload_optimizer", "zero_optimization.offload_optimizer.device"),
+        ("offload_params", "zero_optimization.offload_param.device"),
+        ("nvme_path", "zero_optimization.offload_optimizer.nvme_path"),
+        ("nvme_path", "zero_optimization.offload_param.nvme_path"),
+        ("gradient_clipping", "gradient_clipping"),
+    ):
+        value = _get(cfg, path)
+        if value is not _MISSING and value != AUTO and key not in found:
+            found[key] = value
+    return found
+
+
 def make_ds_config(
     *,
     zero_stage: int,

@@ -378,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         capability, arch_note = _capability(args.gpu_arch)
         precision = resolve_precision(args.precision, capability)
         world = args.gpus_per_node * args.nodes
-        if args.global_batch is not None and args.micro_batch is not None:
-            resolve_batch(world_size=world, micro_batch_size=args.micro_batch, global_batch=args.global_batch)
+        if args.global_batch is not None:
+            # Fails early, with the train.* keys named, when the global batch cannot be split over the GPUs.
+            resolve_batch(world_size=world, micro_batch_size=args.micro_batch or 1, global_batch=args.global_batch)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -205,3 +205,13 @@ def test_user_value_for_an_argument_the_caller_left_unset_is_kept():
     user = {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/local/nvme"}}}
     cfg = make_ds_config(zero_stage=3, batch=PLAN, precision="bf16", offload_optimizer="nvme", user_config=user)
     assert cfg["zero_optimization"]["offload_optimizer"]["nvme_path"] == "/local/nvme"
+
+
+def test_zero_settings_from_a_preset_make_a_consistent_config():
+    from ds_configs import zero_settings_from_json
+    from ds_configs.build import preset_path
+
+    settings = zero_settings_from_json(preset_path("zero3_offload"))
+    assert settings == {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}
+    cfg = make_ds_config(batch=PLAN, precision="bf16", user_config=preset_path("zero3_offload"), **settings)
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"

@@ -181,3 +181,10 @@ def test_readme_worked_examples_show_the_current_output(tmp_path, capsys):
         assert main(args) == 0
         printed = capsys.readouterr().out.strip().splitlines()[:-1]  # last line: "wrote <path>"
         assert printed == shown.strip().splitlines()[:-1], "README example is stale: rerun the command and paste"
+
+
+def test_global_batch_not_divisible_by_gpus_is_reported(capsys):
+    rc, _, err = run(
+        LLAMA7B + ["--gpus-per-node", "4", "--gpu-mem-gib", "80", "--seq-len", "512", "--global-batch", "10"], capsys
+    )
+    assert rc == 2 and "train.global_batch=10 is not divisible" in err
