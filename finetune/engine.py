@@ -207,49 +207,60 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
 
     from finetune.watchdog import StepWatchdog
 
-    watchdog = StepWatchdog(cfg.train.step_timeout_s, on_timeout=lambda msg: metrics.close(), ckpt_root=ckpt_root)
+    watchdog = StepWatchdog(
+        cfg.train.step_timeout_s,
+        on_timeout=lambda msg: metrics.close(),
+        heartbeat_dir=out / "heartbeat",
+        ckpt_root=ckpt_root,
+    )
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), desc=cfg.method.name, dynamic_ncols=True)
     batches = _batches(loader)
     last = {"step": step}
     try:
-        while step < total_steps:
-            lr = cfg.train.lr * lr_factor(step, total_steps, warmup, cfg.train.lr_scheduler, cfg.train.min_lr_ratio)
-            t0 = time.perf_counter()
-            loss, real_tokens = _train_step(engine, [next(batches) for _ in range(plan.grad_accum)], cfg, plan)
-            dt = time.perf_counter() - t0
-            step += 1
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-            bad_streak = _check_finite(loss, grad_norm, engine, bad_streak, cfg, precision, step)
-            tokens_per_s = real_tokens / dt
-            last = {"step": step, "split": "train", "epoch": loader.epoch, "loss": loss, "lr": lr}
-            last.update(grad_norm=grad_norm, loss_scale=_loss_scale(engine), tokens_per_s=tokens_per_s)
-            last.update(mfu=mfu(num_params, tokens_per_s, dist.world_size()), skipped=not engine.was_step_applied())
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                metrics.log({**last, **memory_stats()})
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            bar.update(1)
-            watchdog.beat(step)
-            if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                metrics.log({"step": step, "split": "eval", **evaluate(engine, eval_loader, cfg)})
-                metrics.plot()
-            if cfg.train.save_every and step % cfg.train.save_every == 0:
-                from finetune.checkpoint import save_checkpoint
+        with watchdog.guard():  # a peer that died mid-collective -> one report naming it, exit 87
+            while step < total_steps:
+                lr = cfg.train.lr * lr_factor(step, total_steps, warmup, cfg.train.lr_scheduler, cfg.train.min_lr_ratio)
+                t0 = time.perf_counter()
+                loss, real_tokens = _train_step(engine, [next(batches) for _ in range(plan.grad_accum)], cfg, plan)
+                dt = time.perf_counter() - t0
+                step += 1
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else None
+                bad_streak = _check_finite(loss, grad_norm, engine, bad_streak, cfg, precision, step)
+                tokens_per_s = real_tokens / dt
+                last = {"step": step, "split": "train", "epoch": loader.epoch, "loss": loss, "lr": lr}
+                last.update(grad_norm=grad_norm, loss_scale=_loss_scale(engine), tokens_per_s=tokens_per_s)
+                last.update(mfu=mfu(num_params, tokens_per_s, dist.world_size()), skipped=not engine.was_step_applied())
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    metrics.log({**last, **memory_stats()})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                bar.update(1)
+                watchdog.beat(step)
+                if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    metrics.log({"step": step, "split": "eval", **evaluate(engine, eval_loader, cfg)})
+                    metrics.plot()
+                if cfg.train.save_every and step % cfg.train.save_every == 0:
+                    from finetune.checkpoint import save_checkpoint
 
-                state = {"step": step, "bad_streak": bad_streak, "loader": loader.state_dict(), "config": to_dict(cfg)}
-                watchdog.note_checkpoint(save_checkpoint(engine, ckpt_root, step, state, cfg.train.keep_last))
-        summary = {"step": step, "loss": last.get("loss")}
-        if eval_loader is not None:
-            ev = evaluate(engine, eval_loader, cfg)
-            metrics.log({"step": step, "split": "eval", "final": True, **ev})
-            summary.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
-        save_final(engine, cfg, tokenizer, out / "final")
-        metrics.plot()
-        if dist.is_main():
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+                    state = {
+                        "step": step,
+                        "bad_streak": bad_streak,
+                        "loader": loader.state_dict(),
+                        "config": to_dict(cfg),
+                    }
+                    watchdog.note_checkpoint(save_checkpoint(engine, ckpt_root, step, state, cfg.train.keep_last))
+            summary = {"step": step, "loss": last.get("loss")}
+            if eval_loader is not None:
+                ev = evaluate(engine, eval_loader, cfg)
+                metrics.log({"step": step, "split": "eval", "final": True, **ev})
+                summary.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
+            save_final(engine, cfg, tokenizer, out / "final")
+            metrics.plot()
+            if dist.is_main():
+                (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            return summary
     finally:
         watchdog.stop()
         bar.close()
@@ -430,7 +441,8 @@ def main(
             )
         cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; one message is enough
+            print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
         run(cfg, require_loss_mask=require_loss_mask)

@@ -49,7 +49,13 @@ def test_sft_refuses_data_without_loss_mask(tmp_path, tiny_llama_dir, counting_d
     assert "data.train" in (out.parent / "run.log").read_text() and "loss mask" in (out.parent / "run.log").read_text()
 
 
-GLOBAL_BATCH = ["train.global_batch=4", "train.micro_batch_size=2", "train.lr=3e-3", "zero.stage=2"]
+GLOBAL_BATCH = [
+    "train.global_batch=4",
+    "train.micro_batch_size=2",
+    "train.grad_accum=null",
+    "train.lr=3e-3",
+    "zero.stage=2",
+]
 
 
 def test_one_rank_vs_two_ranks_and_sigkill_resume(tmp_path, tiny_llama_dir, counting_data):

@@ -1,0 +1,72 @@
+"""Engine pieces that need no process group: the bad-step policy and metrics files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.config import load_config
+from finetune.engine import TrainingAborted, _check_finite
+from finetune.metrics import MetricsLogger, mfu
+
+NAN = float("nan")
+
+
+class _Engine:
+    def __init__(self, fp16: bool = False, scale: float = 1.0):
+        self._fp16 = fp16
+
+        class _Opt:
+            cur_scale = scale
+
+        self.optimizer = _Opt()
+
+    def fp16_enabled(self) -> bool:
+        return self._fp16
+
+
+def _cfg(**train):
+    return load_config(None, [f"train.{k}={v}" for k, v in train.items()])
+
+
+def test_non_finite_steps_count_then_abort_with_lr_hint():
+    cfg, engine = _cfg(max_bad_steps=3, lr=0.5), _Engine()
+    streak = _check_finite(NAN, 1.0, engine, 0, cfg, "fp32", 1)
+    streak = _check_finite(1.0, float("inf"), engine, streak, cfg, "fp32", 2)
+    assert streak == 2
+    assert _check_finite(1.0, 0.5, engine, streak, cfg, "fp32", 3) == 0  # a good step resets the streak
+    streak = 0
+    for step in (4, 5):
+        streak = _check_finite(NAN, None, engine, streak, cfg, "bf16", step)
+    with pytest.raises(TrainingAborted, match=r"3 consecutive.*train.lr=0.5"):
+        _check_finite(NAN, None, engine, streak, cfg, "bf16", 6)
+
+
+def test_fp16_overflow_only_counts_at_the_loss_scale_floor():
+    cfg = _cfg(max_bad_steps=1)
+    assert _check_finite(2.0, float("inf"), _Engine(fp16=True, scale=2.0**15), 0, cfg, "fp16", 1) == 0
+    with pytest.raises(TrainingAborted, match="precision=bf16"):
+        _check_finite(2.0, float("inf"), _Engine(fp16=True, scale=1.0), 0, cfg, "fp16", 2)
+
+
+def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
+    log = MetricsLogger(tmp_path)
+    for step, loss in enumerate([3.0, 2.0, 1.5], start=1):
+        log.log({"step": step, "split": "train", "loss": loss, "lr": 1e-3, "grad_norm": None})
+    log.log({"step": 3, "split": "eval", "loss": 1.7, "ppl": 5.47})
+    assert log.plot().stat().st_size > 1000
+    log.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [3.0, 2.0, 1.5, 1.7] and rows[0]["grad_norm"] is None
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert not MetricsLogger(tmp_path / "other", enabled=False).enabled and not (tmp_path / "other").exists()
+
+
+def test_mfu_is_none_without_a_known_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        assert mfu(10**9, 1000.0, 1) == pytest.approx(6e12 / 989e12) or mfu(10**9, 1000.0, 1) is not None
+    else:
+        assert mfu(10**9, 1000.0, 2) is None  # CPU: no peak to compare with
