@@ -33,7 +33,7 @@ def _write(root: Path, lengths: np.ndarray) -> tuple[str, str]:
     prefix = str(root / "sft")
     tokens = IndexedDatasetBuilder(prefix, np.uint16)
     masks = IndexedDatasetBuilder(prefix + "_loss_mask", np.uint8)
-    wds = WebDatasetWriter(root / "wds", shard_size=2000, has_loss_mask=True)
+    wds = WebDatasetWriter(root / "wds", shard_size=max(1, len(lengths) // 12), has_loss_mask=True)  # 12 shards
     for n in lengths:
         ids = rng.integers(0, 32000, n).astype(np.int32)
         mask = np.zeros(n, np.uint8)
@@ -63,12 +63,13 @@ def _throughput(source: str, attention: str, max_batches: int = 400) -> dict:
     return {"batches": i + 1, "real_tokens": real, "seconds": seconds, "tokens_per_s": real / seconds}
 
 
-def run() -> dict:
-    lengths = sft_lengths()
+def run(n_samples: int = N_SAMPLES, max_batches: int = 400) -> dict:
+    """The benchmark (``n_samples`` / ``max_batches`` are smaller in the unit test); returns title, markdown, data."""
+    lengths = sft_lengths(n_samples)
     with tempfile.TemporaryDirectory() as tmp:
         prefix, index = _write(Path(tmp), lengths)
         speed = {
-            f"{name} packed, attention={att}": _throughput(src, att)
+            f"{name} packed, attention={att}": _throughput(src, att, max_batches)
             for name, src in (("mmap", prefix), ("WebDataset", index))
             for att in ("position_ids", "mask")
         }
@@ -80,7 +81,7 @@ def run() -> dict:
             len(loader)  # builds the epoch plan; its stats are exact for this rank
             efficiency[mode] = loader.stats.as_dict()
     lines = [
-        f"Rows of {SEQ_LEN} tokens, micro batch {MICRO_BATCH}, rank 0 of {WORLD}; {N_SAMPLES} SFT-like samples "
+        f"Rows of {SEQ_LEN} tokens, micro batch {MICRO_BATCH}, rank 0 of {WORLD}; {n_samples} SFT-like samples "
         f"(lognormal, median {int(np.median(lengths))}, max {lengths.max()}, mean {lengths.mean():.0f} tokens).",
         "",
         "| source, mode | batches | real tokens/s per rank |",
