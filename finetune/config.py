@@ -249,11 +249,15 @@ class Config:
 
     def _validate_method(self) -> None:
         m = self.method
-        if m.name == "qlora" and self.zero.stage == 3 and self.zero.offload_params != "none":
+        if m.name == "qlora" and self.zero.offload_params != "none":
             raise ConfigError(
                 f"method.name=qlora with zero.offload_params={self.zero.offload_params}: quantized base weights "
-                "cannot be partitioned/offloaded by ZeRO-3; use zero.offload_params=none or zero.stage=2"
+                "cannot be partitioned/offloaded by ZeRO-3; use zero.offload_params=none and zero.stage=2"
             )
+        if m.name == "qlora" and self.zero.stage == 3:
+            # bitsandbytes places weights while quantizing (a device_map), which from_pretrained refuses under
+            # zero.Init; the 4-bit base is already ~1/4 of bf16, and ZeRO-2 still shards the adapters' optimizer.
+            raise ConfigError("method.name=qlora with zero.stage=3 is not supported; use zero.stage=2 (or 0/1)")
         if m.name == "qlora" and self.precision == "fp16":
             raise ConfigError("method.name=qlora with precision=fp16 is unstable; use precision=bf16 or fp32")
         if m.name in ("lora", "qlora") and (m.lora.r < 1 or m.lora.alpha <= 0 or not 0 <= m.lora.dropout < 1):

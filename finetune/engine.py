@@ -149,7 +149,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
 
     from transformers import AutoConfig
 
-    hidden = getattr(AutoConfig.from_pretrained(cfg.model.name_or_path), "hidden_size", None)
+    model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    hidden = getattr(model_config, "hidden_size", None)
     offloading = cfg.zero.offload_optimizer != "none"
     optimizer = {
         "type": "AdamW",

@@ -38,9 +38,6 @@ def load_kwargs(cfg: Config, precision: str = "fp32") -> dict:
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute,
-            # ZeRO-3 partitions parameters by dtype; storing the packed 4-bit data in the compute dtype lets it
-            # shard them like any other weight (the HF/PEFT recipe for QLoRA + ZeRO-3).
-            bnb_4bit_quant_storage=compute if cfg.zero.stage == 3 else torch.uint8,
         )
     }
 

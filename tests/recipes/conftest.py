@@ -20,6 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 SEQ_LEN = 128
 
 
@@ -56,18 +57,23 @@ def counting_data(tmp_path_factory) -> dict[str, str]:
     return {"train": write_counting_data(d / "train", 512, 0), "eval": write_counting_data(d / "eval", 32, 1)}
 
 
-def recipe_cmd(recipe: str, nproc: int, model_dir, data: dict, out: Path, *overrides: str) -> list[str]:
-    """The launcher command line a user types, with the tiny-run overrides."""
-    config = {"ptuning_v2": "ptuning_v2", "prompt_tuning": "prompt_tuning"}.get(recipe, recipe)
+def recipe_cmd(
+    recipe: str, nproc: int, model_dir, data: dict, out: Path, *overrides: str, launcher: str = "deepspeed"
+) -> list[str]:
+    """The command line a user types (``deepspeed``, ``torchrun`` or plain ``python``), with tiny-run overrides."""
+    port = str(_free_port())  # other tests may launch at the same time: never share 29500
+    if launcher == "deepspeed":
+        prefix = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", port]
+    elif launcher == "torchrun":
+        prefix = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", port]
+    else:
+        assert nproc == 1, "plain python runs one rank"
+        prefix = [sys.executable]
     return [
-        DEEPSPEED,
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(_free_port()),  # other tests may launch at the same time: never share 29500
+        *prefix,
         f"finetune/{recipe}.py",
         "--config",
-        f"finetune/configs/{config}.yaml",
+        f"finetune/configs/{recipe}.yaml",
         f"model.name_or_path={model_dir}",
         f"data.train={data['train']}",
         f"data.eval={data.get('eval') or 'null'}",
@@ -88,9 +94,18 @@ def launch(cmd: list[str], out: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run_recipe(recipe: str, model_dir, data: dict, out: Path, *overrides: str, nproc: int = 2, timeout: int = 600):
+def run_recipe(
+    recipe: str,
+    model_dir,
+    data: dict,
+    out: Path,
+    *overrides: str,
+    nproc: int = 2,
+    timeout: int = 600,
+    launcher="deepspeed",
+):
     """Run a recipe to completion; fail the test with the log tail when it does not exit 0."""
-    proc = launch(recipe_cmd(recipe, nproc, model_dir, data, out, *overrides), out)
+    proc = launch(recipe_cmd(recipe, nproc, model_dir, data, out, *overrides, launcher=launcher), out)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

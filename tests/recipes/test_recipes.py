@@ -29,7 +29,14 @@ CASES = [
     pytest.param("full", "full", 3, ["train.lr=3e-3"], 1.0, id="full-zero3"),
     pytest.param("ptuning_v2", "prefix", 0, ["train.lr=3e-2"], 0.02, id="prefix-zero0"),
     pytest.param("prompt_tuning", "prompt", 3, ["train.lr=1e-1"], 0.01, id="prompt-zero3"),
-    pytest.param("lora", "qlora", 2, ["method.name=qlora", "train.lr=1e-2"], 0.2, id="qlora4bit-zero2"),
+    pytest.param(
+        "lora",
+        "qlora",
+        2,
+        ["method.name=qlora", "train.lr=1e-2", "model.gradient_checkpointing=true"],
+        0.2,
+        id="qlora4bit-zero2",
+    ),
     pytest.param(
         "full",
         "full",
@@ -56,13 +63,14 @@ def test_method_trains_and_final_reloads(
 
 
 def test_lora_zero2_checkpoint_merge_and_export(tmp_path, tiny_llama_dir, counting_data):
-    """LoRA on ZeRO-2 with checkpoints; the adapter, the merged model and the fp32 consolidation of the last ZeRO
+    """LoRA on ZeRO-2 with gradient checkpointing and checkpoints; the adapter, the merged model and the fp32 consolidation of the last ZeRO
     checkpoint all give the run's final eval loss."""
     from finetune.export import consolidate_zero, merge_adapter
 
     out = tmp_path / "run"
     overrides = ["train.max_steps=16", "train.micro_batch_size=2", "train.grad_accum=2", "zero.stage=2"]
-    run_recipe("lora", tiny_llama_dir, counting_data, out, *overrides, "train.lr=1e-2", "train.save_every=8")
+    gc = "model.gradient_checkpointing=true"  # with a frozen base: needs input grads / non-reentrant checkpointing
+    run_recipe("lora", tiny_llama_dir, counting_data, out, *overrides, "train.lr=1e-2", "train.save_every=8", gc)
     _assert_trains(out, 0.3)
     final = _final_eval(out)
     assert reloaded_eval_loss(out, tiny_llama_dir, counting_data["eval"], "lora") == pytest.approx(final, rel=1e-5)

@@ -59,13 +59,13 @@ GLOBAL_BATCH = [
 
 
 def test_one_rank_vs_two_ranks_and_sigkill_resume(tmp_path, tiny_llama_dir, counting_data):
-    """(a) 2 ranks x 1 accumulation and 1 rank x 2 accumulations (same global batch of 4 rows) give the same loss
+    """(a) 2 ranks x 1 accumulation (deepspeed launcher) and 1 rank x 2 accumulations (plain python) (same global batch of 4 rows) give the same loss
     curve; (b) a 2-rank run SIGKILLed after a checkpoint and resumed with train.resume=auto continues with exactly
-    the losses of the uninterrupted run."""
+    the losses of the uninterrupted run (resumed under torchrun)."""
     steps = ["train.max_steps=30", "train.save_every=5", "train.keep_last=2"]
     data = {"train": counting_data["train"]}
     two = run_recipe("full", tiny_llama_dir, data, tmp_path / "two", *GLOBAL_BATCH, *steps)
-    one = run_recipe("full", tiny_llama_dir, data, tmp_path / "one", *GLOBAL_BATCH, *steps, nproc=1)
+    one = run_recipe("full", tiny_llama_dir, data, tmp_path / "one", *GLOBAL_BATCH, *steps, nproc=1, launcher="python")
     l2, l1 = losses(two), losses(one)
     assert sorted(l2) == list(range(1, 31)) and sorted(l1) == sorted(l2)
     assert [l1[s] for s in sorted(l1)] == pytest.approx([l2[s] for s in sorted(l2)], rel=2e-3)
@@ -78,7 +78,8 @@ def test_one_rank_vs_two_ranks_and_sigkill_resume(tmp_path, tiny_llama_dir, coun
     survived = losses(killed) if (killed / "metrics.jsonl").exists() else {}
     assert max(survived, default=0) < 30, "the job finished before it was killed; the test proves nothing"
 
-    run_recipe("full", tiny_llama_dir, data, killed, *GLOBAL_BATCH, *steps)  # same command: resume=auto
+    # the same settings (resume=auto), this time under torchrun: the checkpoint does not care which launcher wrote it
+    run_recipe("full", tiny_llama_dir, data, killed, *GLOBAL_BATCH, *steps, launcher="torchrun")
     log = (tmp_path / "killed.log").read_text()
     assert "resumed from" in log
     resumed_at = int(log.split("at step ")[-1].split()[0])

@@ -67,6 +67,7 @@ def test_mfu_is_none_without_a_known_gpu():
     import torch
 
     if torch.cuda.is_available():
-        assert mfu(10**9, 1000.0, 1) == pytest.approx(6e12 / 989e12) or mfu(10**9, 1000.0, 1) is not None
+        value = mfu(10**9, 1000.0, 1)  # None only for a GPU missing from the peak table
+        assert value is None or 0 < value < 1
     else:
         assert mfu(10**9, 1000.0, 2) is None  # CPU: no peak to compare with
