@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -141,8 +142,9 @@ class IndexedDatasetBuilder:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(data_path(prefix), "wb")  # noqa: SIM115 - closed in finalize()/abort()
-        self._sizes: list[int] = []
-        self._doc_idx: list[int] = [0]
+        # array.array, not lists: 4/8 bytes per entry instead of ~36, so 100M documents fit in ~1.2 GB.
+        self._sizes = array("i")
+        self._doc_idx = array("q", [0])
 
     def add_item(self, tokens) -> None:
         arr = np.asarray(tokens)
@@ -164,18 +166,18 @@ class IndexedDatasetBuilder:
         if other.dtype != self.dtype:
             raise ValueError(f"{other_prefix}: dtype {other.dtype} differs from {self.dtype}")
         offset = len(self._sizes)
-        self._sizes.extend(int(s) for s in other.sizes)
-        self._doc_idx.extend(int(d) + offset for d in other.doc_idx[1:])
+        self._sizes.frombytes(np.ascontiguousarray(other.sizes, dtype=np.int32).tobytes())
+        self._doc_idx.frombytes((np.asarray(other.doc_idx[1:], dtype=np.int64) + offset).tobytes())
         with open(data_path(other_prefix), "rb") as src:
             shutil.copyfileobj(src, self._bin, length=16 << 20)
 
     def finalize(self) -> None:
         self._bin.close()
-        sizes = np.asarray(self._sizes, dtype=np.int32)
+        sizes = np.frombuffer(self._sizes, dtype=np.int32) if self._sizes else np.zeros(0, np.int32)
         pointers = np.zeros(len(sizes), dtype=np.int64)
         if len(sizes) > 1:
             np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        doc_idx = np.asarray(self._doc_idx, dtype=np.int64)
+        doc_idx = np.frombuffer(self._doc_idx, dtype=np.int64)
         with open(index_path(self.prefix), "wb") as fh:
             fh.write(MAGIC)
             fh.write(struct.pack("<Q", VERSION))
