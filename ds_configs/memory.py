@@ -13,16 +13,16 @@ Four parts, each from a stated formula:
    16 optimizer bytes; PEFT methods keep the frozen base in 16-bit (or 4/8-bit for QLoRA, bitsandbytes NF4 with
    double quantisation ≈ 0.52 byte/param, int8 ≈ 1.02) with no gradient or optimizer state, and only the
    trainable set carries the 18/20 bytes; fp32 training stores 4-byte weights and gradients.
-2. **Activations** per micro batch — :func:`activation_bytes`. Per decoder layer in 16-bit, SDPA/flash attention
-   (no s×s score matrix is kept), the tensors autograd saves: two norm inputs (2·2sbh), the attention-projection
-   input (2sbh), Q (2sbh), K and V (2·2sb·h_kv), the attention output (2sbh), the MLP input (2sbh) and for a
-   gated MLP (Llama/Qwen/Mistral) gate, up, act(gate) and their product (4·2sbI): ``sb(12h + 4h_kv + 8I)`` bytes.
-   This is Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1:
-   ``sbh(34 + 5as/h)``) re-derived for a SwiGLU MLP, without dropout masks and without the s² term that fused
-   attention never stores. With gradient checkpointing (HF, one checkpoint per decoder layer) only each layer's
-   input is kept (2sbh·L, Korthikanti's "full recomputation") plus one layer recomputed during backward. The
-   logits add ``bsV × 10`` bytes: 16-bit logits (2), their fp32 upcast for the loss (4), and the fp32
-   softmax saved for backward (4).
+2. **Activations** per micro batch — :func:`activation_bytes`. Per decoder layer, the tensors autograd saves with
+   SDPA/flash attention (no s×s score matrix is kept): for a gated MLP in 16-bit, two RMSNorms (HF computes them in
+   fp32: fp32 input 4sbh + normalised 2sbh + output 2sbh each), Q (2sbh), K and V (2·2sb·h_kv), the attention
+   output (2sbh) and gate, up, act(gate) and their product (4·2sbI): ``sb(20h + 4h_kv + 8I)`` bytes. This is
+   Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1:
+   ``sbh(34 + 5as/h)``) re-derived for HF's Llama modules: SwiGLU MLP, fp32 norms, no dropout, and no s² term
+   because fused attention never stores the scores; a test checks it against what autograd really saves. With
+   gradient checkpointing (HF, one checkpoint per decoder layer) only each layer's input is kept (2sbh·L,
+   Korthikanti's "full recomputation") plus one layer recomputed during backward. The logits add ``bsV × 10``
+   bytes at the loss: 16-bit logits (2), their fp32 upcast (4), and the fp32 log-softmax saved for backward (4).
 3. **Buffers**: ZeRO communication buckets (stage 1/2 with ``overlap_comm``: DeepSpeed's docs give 4.5 × the
    reduce and allgather buckets, in 16-bit; stage 3: reduce + prefetch buckets, double-buffered), and for QLoRA one
    dequantised linear layer.
@@ -397,6 +397,24 @@ def model_state_bytes(
     return ModelStates(gpu=int(gpu), cpu=int(cpu), nvme=int(nvme))
 
 
+def layer_activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, precision: str = "bf16") -> int:
+    """Bytes autograd saves for one decoder layer's backward (SDPA attention, no dropout), e = element size.
+
+    Gated MLP (Llama/Qwen/Mistral, HF RMSNorm computing in fp32): two norms × (fp32 input 4h + normalised e·h +
+    output e·h), Q e·h, K and V 2·e·kv, attention output e·h, gate, up, act(gate) and their product 4·e·I:
+    ``sb(8h + 6e·h + 2e·kv + 4e·I)`` — ``sb(20h + 4kv + 8I)`` in 16-bit. GPT-2 (LayerNorms in the training dtype:
+    input + output each, the fused QKV output 3e·h plus contiguous Q and V copies 2e·h, attention output e·h; its
+    ``gelu_new`` is four element-wise ops, so fc output + 3 GELU intermediates + c_proj input 5e·I):
+    ``sb(10e·h + 5e·I)``. Both checked against the tensors autograd actually saves
+    (``torch.autograd.graph.saved_tensors_hooks``) in tests/unit/ds_configs/test_memory.py.
+    """
+    s, b, h = seq_len, micro_batch, shape.hidden_size
+    e = 4 if precision == "fp32" else 2
+    if shape.gated_mlp:
+        return s * b * (8 * h + 6 * e * h + 2 * e * shape.kv_dim + 4 * e * shape.intermediate_size)
+    return s * b * (10 * e * h + 5 * e * shape.intermediate_size)
+
+
 def activation_bytes(
     shape: ModelShape,
     *,
@@ -407,24 +425,27 @@ def activation_bytes(
 ) -> dict[str, int]:
     """Activation memory per GPU for one micro batch (see the module docstring for the formula and its source).
 
+    Without checkpointing every layer's saved tensors (:func:`layer_activation_bytes`) live until backward; with HF
+    gradient checkpointing (one checkpoint per layer) only each layer's input (e·sbh) is kept, plus one layer's
+    tensors while it is recomputed in backward. The final norm and the lm_head input add ``sb(4h + 2e·h)``
+    (GPT-2: ``sb·2e·h``).
+    Logits: the peak around the loss is 16-bit logits + their fp32 upcast + the fp32 log-softmax saved for
+    backward (2 + 4 + 4 bytes per logit; fp32 training: 4 + 4 + 4).
+
     Returns:
         ``{"layers": …, "logits": …}`` in bytes.
     """
     s, b, h, L = seq_len, micro_batch, shape.hidden_size, shape.num_layers
-    scale = 2 if precision == "fp32" else 1  # formula is in 16-bit bytes
-    if shape.gated_mlp:
-        per_layer = s * b * (12 * h + 4 * shape.kv_dim + 8 * shape.intermediate_size)
-    else:
-        # GPT-2 MLP: input (2sbh, counted in 12h), fc output 2sbI and GELU output 2sbI.
-        per_layer = s * b * (12 * h + 4 * shape.kv_dim + 4 * shape.intermediate_size)
+    e = 4 if precision == "fp32" else 2
+    per_layer = layer_activation_bytes(shape, seq_len=s, micro_batch=b, precision=precision)
+    # final norm (fp32 input for RMSNorm; LayerNorm keeps the training dtype) and the lm_head input
+    final = s * b * (4 * h + 2 * e * h) if shape.gated_mlp else s * b * 2 * e * h
     if gradient_checkpointing:
-        layers = 2 * s * b * h * L + per_layer
+        layers = e * s * b * h * L + per_layer + final
     else:
-        layers = per_layer * L
-    logits = 10 * s * b * shape.vocab_size
-    if precision == "fp32":
-        logits = 12 * s * b * shape.vocab_size  # fp32 logits (4) + softmax saved (4) + gradient (4)
-    return {"layers": int(layers * scale), "logits": int(logits)}
+        layers = per_layer * L + final
+    logits = (12 if precision == "fp32" else 10) * s * b * shape.vocab_size
+    return {"layers": int(layers), "logits": int(logits)}
 
 
 def buffer_bytes(shape: ModelShape, *, zero_stage: int, trainable: int, method: MethodSpec) -> int:
