@@ -346,7 +346,12 @@ def save_checkpoint(
         )
 
     if rank == 0:
-        _prune(root, step, keep_last)
+        try:
+            _prune(root, step, keep_last)
+        except OSError as e:
+            # The new checkpoint is complete and `latest` names it; a failed clean-up must not fail the save or
+            # leave the other ranks waiting in the barrier below.
+            logger.warning("%s: pruning old checkpoints failed: %s", root, e)
         logger.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
     dist.barrier()
     return final
