@@ -106,7 +106,7 @@ def _micro_options(req: Request) -> list[int]:
     return sorted(options, reverse=True)
 
 
-def _check(req: Request, name: str, stage: int, opt: str, par: str, micro: int, gc: bool) -> tuple[Estimate, str]:
+def _check(req: Request, stage: int, opt: str, par: str, micro: int, gc: bool) -> tuple[Estimate, str]:
     est = estimate(
         req.shape,
         req.method,
@@ -141,11 +141,9 @@ def evaluate(req: Request) -> list[Candidate]:
             out.append(Candidate(name, stage, opt, par, 0, False, None, False, why))
             continue
         found = None
-        last = None
         for gc in gc_options:
             for micro in _micro_options(req):
-                est, problem = _check(req, name, stage, opt, par, micro, gc)
-                last = last or (micro, gc, est, problem)
+                est, problem = _check(req, stage, opt, par, micro, gc)
                 if not problem:
                     found = Candidate(name, stage, opt, par, micro, gc, est, True, "fits")
                     break
@@ -155,7 +153,7 @@ def evaluate(req: Request) -> list[Candidate]:
             # Report the smallest setting tried (micro 1, checkpointing if allowed) and why it failed.
             micro = min(_micro_options(req))
             gc = gc_options[-1]
-            est, problem = _check(req, name, stage, opt, par, micro, gc)
+            est, problem = _check(req, stage, opt, par, micro, gc)
             found = Candidate(name, stage, opt, par, micro, gc, est, False, problem)
         out.append(found)
     return out
@@ -226,7 +224,7 @@ def suggest(req: Request) -> list[str]:
             continue
         if req.method.name == "qlora" and par != "none":
             continue
-        est, _ = _check(req, name, stage, opt, par, 1, req.checkpointing != "off")
+        est, _ = _check(req, stage, opt, par, 1, req.checkpointing != "off")
         if cheapest_gpu is None or est.gpu_with_margin < cheapest_gpu[1].gpu_with_margin:
             cheapest_gpu = (name, est)
     if cheapest_gpu:
