@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         on_trace_ready=on_ready,
         record_shapes=False,
     )
-    torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: prof.step())
+    register_optimizer_step_post_hook(lambda *_: prof.step())
     sys.argv = [args.script, *script_args]
     prof.start()
     try:

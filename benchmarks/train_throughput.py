@@ -67,7 +67,7 @@ class ModelShape:
 
 
 SHAPES = {
-    # Small enough that one optimizer step of 4 rows x 1024 tokens takes ~1 s per rank on one CPU core.
+    # Small enough that a step of 4 packed rows x 1024 tokens per rank takes a few seconds on a shared CPU core.
     "tiny": ModelShape(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=344),
     # TinyLlama-1.1B (hidden 2048, 22 layers, 32 heads, 4 kv heads, MLP 5632, vocab 32000): 1.1e9 parameters.
     "1b": ModelShape(
@@ -101,6 +101,7 @@ class BenchConfig:
     zero: tuple[int, ...] = (2,)
     world: int = 2
     micro_batch: int = 4
+    dsft_micro_batch: int | None = None
     steps: int = 6
     warmup_steps: int = 2
     precision: str = "auto"
@@ -122,8 +123,11 @@ class BenchConfig:
             raise ValueError(f"--methods {' '.join(self.methods)}: expected some of {', '.join(RECIPES)}")
         if not self.zero or any(z not in (0, 1, 2, 3) for z in self.zero):
             raise ValueError(f"--zero {' '.join(map(str, self.zero))}: stages are 0-3")
-        if self.world < 1 or self.micro_batch < 1:
-            raise ValueError(f"--world {self.world} and --micro-batch {self.micro_batch} must be >= 1")
+        if self.world < 1 or self.micro_batch < 1 or (self.dsft_micro_batch is not None and self.dsft_micro_batch < 1):
+            raise ValueError(
+                f"--world {self.world}, --micro-batch {self.micro_batch} and --dsft-micro-batch "
+                f"{self.dsft_micro_batch} must be >= 1"
+            )
         if self.warmup_steps < 0 or self.steps <= self.warmup_steps:
             raise ValueError(
                 f"--steps {self.steps} must exceed --warmup-steps {self.warmup_steps} (the warm-up steps are not timed)"
@@ -446,14 +450,27 @@ def launcher_env(world: int) -> dict[str, str]:
     return env
 
 
-def launch(script: Path, args: list[str], world: int, log: Path, timeout_s: int, profile_dir: Path | None) -> None:
-    """Run ``deepspeed --num_gpus world script args`` (optionally under the profiler wrapper); raise with the log's
-    tail when it fails."""
+def launch(
+    script: Path,
+    args: list[str],
+    world: int,
+    log: Path,
+    timeout_s: int,
+    profile_dir: Path | None = None,
+    profile_steps: tuple[int, int] = (2, 3),
+) -> None:
+    """Run ``deepspeed --num_gpus world script args``; raise with the log's tail when it fails.
+
+    With ``profile_dir`` the script runs under ``profile_step.py``, which skips ``profile_steps[0]`` optimizer steps
+    and records ``profile_steps[1]`` (after one profiler warm-up step).
+    """
     from launch.run import find_deepspeed
 
     cmd = [find_deepspeed(), "--num_gpus", str(world), "--master_port", str(_free_port())]
     if profile_dir is not None:
-        cmd += [str(PROFILE_SCRIPT), "--out", str(profile_dir), "--", str(script), *args]
+        wait, active = profile_steps
+        cmd += [str(PROFILE_SCRIPT), f"--out={profile_dir}", f"--wait={wait}", f"--active={active}"]
+        cmd += ["--", str(script), *args]
     else:
         cmd += [str(script), *args]
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -484,7 +501,7 @@ def run_dsft(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: 
         f"precision={precision}",
         f"zero.stage={zero}",
         f"train.max_steps={cfg.steps}",
-        f"train.micro_batch_size={cfg.micro_batch}",
+        f"train.micro_batch_size={cfg.dsft_micro_batch or cfg.micro_batch}",
         "train.grad_accum=1",
         f"train.lr={cfg.lr}",
         "train.warmup=0",
@@ -501,7 +518,7 @@ def run_dsft(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: 
             "method.lora.target_modules=all-linear",
         ]
     prof = run_dir / "profile_dsft" if cfg.profile else None
-    launch(RECIPES[method], overrides, cfg.world, run_dir / "dsft.log", cfg.timeout_s, prof)
+    launch(RECIPES[method], overrides, cfg.world, run_dir / "dsft.log", cfg.timeout_s, prof, _profile_steps(cfg))
     records, peak = read_dsft_metrics(out / "metrics.jsonl")
     return {"records": records, "peak_memory_bytes": peak}
 
@@ -529,9 +546,14 @@ def run_peer(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: 
     if cfg.gradient_checkpointing:
         args.append("--gradient-checkpointing")
     prof = run_dir / "profile_peer" if cfg.profile else None
-    launch(PEER_SCRIPT, args, cfg.world, run_dir / "peer.log", cfg.timeout_s, prof)
+    launch(PEER_SCRIPT, args, cfg.world, run_dir / "peer.log", cfg.timeout_s, prof, _profile_steps(cfg))
     data = json.loads(result.read_text())
     return {"records": data["records"], "peak_memory_bytes": data["peak_memory_bytes"]}
+
+
+def _profile_steps(cfg: BenchConfig) -> tuple[int, int]:
+    """Profile the steady state: skip the warm-up steps, one profiler warm-up step, record the rest but the last."""
+    return cfg.warmup_steps, max(1, cfg.steps - cfg.warmup_steps - 2)
 
 
 def device_name() -> str | None:
@@ -568,7 +590,7 @@ def benchmark(cfg: BenchConfig) -> list[dict]:
                     "zero": zero,
                     "tool": tool,
                     "world": cfg.world,
-                    "micro_batch": cfg.micro_batch,
+                    "micro_batch": (cfg.dsft_micro_batch or cfg.micro_batch) if tool == "dsft" else cfg.micro_batch,
                     "precision": precision,
                     "steps": cfg.steps,
                     "warmup_steps": cfg.warmup_steps,
@@ -596,7 +618,7 @@ def benchmark(cfg: BenchConfig) -> list[dict]:
 
 
 def _same_config(a: dict, b: dict) -> bool:
-    return all(a[k] == b[k] for k in ("size", "method", "zero", "world", "micro_batch"))
+    return all(a[k] == b[k] for k in ("size", "method", "zero", "world"))
 
 
 def _progress_line(row: dict) -> str:
@@ -614,19 +636,21 @@ def _fmt_mem(n: int | None) -> str:
 def format_table(results: list[dict]) -> str:
     """Markdown table of ``benchmark`` results, dsft and peer side by side per configuration."""
     lines = [
-        "| size | method | ZeRO | ranks | micro batch | precision | tool | real tokens/s | dsft / peer | MFU "
-        "| peak mem GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | method | ZeRO | ranks | micro batch | precision | tool | real tokens/step | real tokens/s "
+        "| dsft / peer | MFU | peak mem GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         tool = "dsft" if r["tool"] == "dsft" else "HF Trainer + DeepSpeed"
         head = f"| {r['size']} | {r['method']} | {r['zero']} | {r['world']} | {r['micro_batch']} | {r['precision']} | {tool} "
         if "error" in r:
-            lines.append(head + f"| failed: {r['error'].splitlines()[0][:80]} | | | |")
+            lines.append(head + f"| failed: {r['error'].splitlines()[0][:80]} | | | | |")
             continue
         ratio = f"{r['ratio_vs_peer']:.2f}x" if r.get("ratio_vs_peer") else ""
         m = "N/A" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(head + f"| {r['tokens_per_s']:,.0f} | {ratio} | {m} | {_fmt_mem(r.get('peak_memory_bytes'))} |")
+        per_step = "n/a" if r.get("tokens_per_step") is None else f"{r['tokens_per_step']:,.0f}"
+        mem = _fmt_mem(r.get("peak_memory_bytes"))
+        lines.append(head + f"| {per_step} | {r['tokens_per_s']:,.0f} | {ratio} | {m} | {mem} |")
     return "\n".join(lines)
 
 
@@ -640,6 +664,8 @@ def describe_run(cfg: BenchConfig) -> str:
         f"python -m benchmarks.train_throughput --size {cfg.size} --methods {methods} --zero {zero} "
         f"--world {cfg.world} --micro-batch {cfg.micro_batch} --steps {cfg.steps} --warmup-steps {cfg.warmup_steps}"
     )
+    if cfg.dsft_micro_batch:
+        cmd += f" --dsft-micro-batch {cfg.dsft_micro_batch}"
     mem = "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "peak RSS"
     return (
         f"`{cmd}` on {machine}, torch {torch.__version__}, {datetime.date.today().isoformat()}. Steady state: steps "
@@ -674,6 +700,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero", nargs="+", type=int, choices=(0, 1, 2, 3), default=list(d.zero))
     p.add_argument("--world", type=int, default=d.world, help="ranks (GPUs, or CPU processes)")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="rows per rank per step, both tools")
+    p.add_argument(
+        "--dsft-micro-batch",
+        type=int,
+        default=None,
+        help="dsft rows per rank per step if not --micro-batch; e.g. 5 packed rows of 1024 tokens carry about the "
+        "samples of 16 padded peer rows (median 256), for a comparison at equal samples per step",
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per run, warm-up included")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="first steps left out of the timing")
     p.add_argument("--precision", default=d.precision, choices=("auto", "bf16", "fp16", "fp32"))
@@ -695,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
             zero=tuple(args.zero),
             world=args.world,
             micro_batch=args.micro_batch,
+            dsft_micro_batch=args.dsft_micro_batch,
             steps=args.steps,
             warmup_steps=args.warmup_steps,
             precision=args.precision,

@@ -126,14 +126,21 @@ def test_table_has_one_row_per_run_and_the_ratio():
     base = {"size": "tiny", "method": "full", "zero": 2, "world": 2, "micro_batch": 4, "precision": "fp32"}
     rows = [
         {**base, "tool": "dsft", "tokens_per_s": 3000.0, "ratio_vs_peer": 1.5, "mfu": None, "peak_memory_bytes": 2**30},
-        {**base, "tool": "peer", "tokens_per_s": 2000.0, "mfu": 0.123, "peak_memory_bytes": None},
+        {
+            **base,
+            "tool": "peer",
+            "tokens_per_s": 2000.0,
+            "tokens_per_step": 1500.0,
+            "mfu": 0.123,
+            "peak_memory_bytes": None,
+        },
         {**base, "method": "lora", "tool": "peer", "error": "peer_hf_trainer.py exited with 1\nTraceback"},
     ]
     table = tt.format_table(rows).splitlines()
     assert len(table) == 2 + 3
     assert len({line.count("|") for line in table}) == 1  # every row has every column
-    assert "| 3,000 | 1.50x | N/A | 1.00 |" in table[2]
-    assert "12.3%" in table[3] and "HF Trainer + DeepSpeed" in table[3]
+    assert "| n/a | 3,000 | 1.50x | N/A | 1.00 |" in table[2]
+    assert "| 1,500 | 2,000 |" in table[3] and "12.3%" in table[3] and "HF Trainer + DeepSpeed" in table[3]
     assert "failed: peer_hf_trainer.py exited with 1 |" in table[4]
 
 
