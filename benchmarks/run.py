@@ -17,6 +17,7 @@ BENCHMARKS = [
     "benchmarks.convert_throughput",
     "benchmarks.loader_throughput",
     "benchmarks.train_throughput",
+    "benchmarks.memory_prediction",
 ]
 
 
