@@ -5,7 +5,9 @@
 
 The wrapped script is not changed: the profiler advances on a global optimizer post-step hook
 (``torch.optim.optimizer.register_optimizer_step_post_hook``), which fires for every ``torch.optim.Optimizer`` —
-also the one DeepSpeed's ZeRO optimizer wraps — so the same wrapper serves dsft and the HF Trainer. It skips
+also the one DeepSpeed's ZeRO optimizer wraps — so the same wrapper serves dsft and the HF Trainer. ZeRO-1/2 call
+the inner optimizer once per parameter group (weight decay / no decay: twice a step), so only the first call after
+a forward pass counts as a step (a global module forward hook notes the forward). It skips
 ``--wait`` steps (warm-up, allocator growth), records ``--active`` steps, and rank 0 writes ``top_ops.txt`` (sorted
 by self device time on a GPU, self CPU time otherwise) and a Chrome trace.
 """
@@ -16,9 +18,11 @@ import argparse
 import os
 import runpy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.modules.module import register_module_forward_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
@@ -32,6 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("script", help="the training script, then its own arguments after --")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
     return p
+
+
+def install_step_hooks(on_step: Callable[[], None]) -> list:
+    """Call ``on_step`` once per training step: at the first optimizer step after a module forward.
+
+    Returns:
+        The hook handles (``handle.remove()`` uninstalls them).
+    """
+    forward_seen = [False]
+
+    def on_forward(*_):
+        forward_seen[0] = True
+
+    def on_optimizer_step(*_):
+        if forward_seen[0]:  # the first optimizer call of this training step
+            forward_seen[0] = False
+            on_step()
+
+    return [register_module_forward_hook(on_forward), register_optimizer_step_post_hook(on_optimizer_step)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         on_trace_ready=on_ready,
         record_shapes=False,
     )
-    register_optimizer_step_post_hook(lambda *_: prof.step())
+    install_step_hooks(prof.step)
     sys.argv = [args.script, *script_args]
     prof.start()
     try:

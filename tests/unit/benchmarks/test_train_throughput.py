@@ -184,3 +184,25 @@ def test_profile_wrapper_passes_the_script_arguments_through():
     )
     assert args.script == "finetune/full.py" and args.local_rank == 1
     assert [a for a in args.script_args if a != "--"] == ["a=1", "--flag"]
+
+
+def test_profiler_counts_one_step_per_training_step_not_per_optimizer_call():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    groups = [{"params": model[0].parameters()}, {"params": model[1].parameters(), "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    steps = []
+    handles = profile_step.install_step_hooks(lambda: steps.append(1))
+    try:
+        for _ in range(3):
+            model(torch.randn(2, 4)).sum().backward()
+            all_groups = opt.param_groups
+            for g in all_groups:  # what DeepSpeed ZeRO-1/2 do: one inner step per parameter group
+                opt.param_groups = [g]
+                opt.step()
+            opt.param_groups = all_groups
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(steps) == 3
