@@ -34,6 +34,8 @@ from finetune.checkpoint import (
 )
 from finetune.watchdog import EXIT_STEP_TIMEOUT, StepWatchdog
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -339,3 +341,19 @@ def test_guard_reports_a_lost_peer_by_pid_and_reraises_other_errors(tmp_path):
     with pytest.raises(ValueError, match="not a peer"), wd.guard():
         raise ValueError("not a peer loss")
     wd.stop()
+
+
+def test_uncaught_peer_loss_error_is_reported_with_exit_87(tmp_path):
+    """The excepthook safety net: a loop not wrapped in guard() still ends with the report and the distinct code."""
+    hb = tmp_path / "hb"
+    hb.mkdir()
+    (hb / "rank_00001.json").write_text(json.dumps({"rank": 1, "host": "elsewhere", "alive_unix": time.time() - 99}))
+    code = (
+        "from finetune.watchdog import StepWatchdog\n"
+        f"wd = StepWatchdog(0, heartbeat_dir={str(hb)!r}, rank=0, world_size=2)\n"
+        "wd.beat(5)\n"
+        "raise RuntimeError('[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 87, proc.stderr[-2000:]
+    assert "Traceback" in proc.stderr and "lost rank(s) 1" in proc.stderr.splitlines()[-1]
