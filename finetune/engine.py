@@ -56,9 +56,9 @@ def resolve_data(path: str, cfg: Config, tokenizer) -> str:
 
     Raw files are converted on the main rank into ``data.cache_dir`` (default ``output_dir/data_cache``) under a
     name keyed by the file's size/mtime and the tokenizer, while the other ranks wait at a barrier; a later run
-    reuses the cache. mmap prefixes are checked against the tokenizer that trains on them.
+    reuses the cache.
     """
-    from data_tools.meta import check_meta_matches_tokenizer, vocab_hash
+    from data_tools.meta import vocab_hash
 
     p = Path(path)
     if p.name == "index.json":  # WebDataset shards: the loader checks them
@@ -82,8 +82,7 @@ def resolve_data(path: str, cfg: Config, tokenizer) -> str:
         return str(prefix)
     if not Path(f"{p}.idx").exists():
         raise ConfigError(f"data path {p}: expected an mmap prefix ({p}.bin/.idx), an index.json or a .jsonl file")
-    check_meta_matches_tokenizer(p, tokenizer, missing_ok=True)
-    return str(p)
+    return str(p)  # checked against the tokenizer and the model by _preflight
 
 
 def run(cfg: Config, require_loss_mask: bool = False) -> dict:
@@ -134,10 +133,14 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
             f"data.train={cfg.data.train}: no loss mask ({train_src}_loss_mask.idx), so the loss would count prompt "
             "tokens too; convert chat/instruction data (data.format=messages|alpaca|sharegpt) or use full.py for text"
         )
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    eval_src = resolve_data(cfg.data.eval, cfg, tokenizer) if cfg.data.eval else None
+    _preflight([train_src, eval_src], tokenizer, model_config.vocab_size)
     loader = build_dataloader(train_src, shuffle=True, drop_last=True, **common)
     eval_loader = None
-    if cfg.data.eval:
-        eval_src = resolve_data(cfg.data.eval, cfg, tokenizer)
+    if eval_src:
         eval_loader = build_dataloader(eval_src, shuffle=False, drop_last=False, **common)
     if len(loader) < plan.grad_accum:
         raise TrainingAborted(
@@ -147,9 +150,6 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
     total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * len(loader)) // plan.grad_accum)
     warmup = int(cfg.train.warmup * total_steps) if cfg.train.warmup < 1 else int(cfg.train.warmup)
 
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     hidden = getattr(model_config, "hidden_size", None)
     offloading = cfg.zero.offload_optimizer != "none"
     optimizer = {
@@ -266,6 +266,22 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         watchdog.stop()
         bar.close()
         metrics.close()
+
+
+def _preflight(sources: list[str | None], tokenizer, vocab_size: int) -> None:
+    """Data vs model checks (tokenizer hash, ids < vocab, intact files) on the main rank; every rank raises."""
+    from finetune.preflight import PreflightError, check_training_data
+
+    error = None
+    if dist.is_main():
+        try:
+            for src in filter(None, sources):
+                check_training_data(src, tokenizer, vocab_size)
+        except PreflightError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)  # the other ranks would otherwise wait forever in the next collective
+    if error:
+        raise ConfigError(error)
 
 
 def _batches(loader):
