@@ -7,7 +7,7 @@ Examples (``--dry-run`` prints the command, shell-quoted, instead of running it)
     python -m launch.run --num_gpus 8 finetune/lora.py --config finetune/configs/lora.yaml
     python -m launch.run --hostfile launch/hostfile.example --master_addr 10.0.0.1 finetune/full.py --config ...
     python -m launch.run --hostfile hosts --no_ssh --node_rank 1 --master_addr 10.0.0.1 finetune/full.py ...
-    python -m launch.run --slurm finetune/full.py --config ...          # inside sbatch: hostfile from SLURM vars
+    srun --ntasks-per-node=1 python -m launch.run --slurm finetune/full.py --config ...   # in an allocation
 
 Only launcher flags live here: hyper-parameters belong to the recipe's YAML config and its ``key=value`` overrides,
 which are passed through untouched after SCRIPT.
@@ -52,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exclude", help="deepspeed resource filter, e.g. 'worker-1:0'")
     g.add_argument("--master_addr", help="address of rank 0's node, reachable from every node")
     g.add_argument("--master_port", type=int, help=f"rendezvous port (deepspeed default {DEFAULT_MASTER_PORT})")
-    g.add_argument("--launcher", choices=LAUNCHERS, help="how deepspeed starts remote ranks (default pdsh, over ssh)")
+    g.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        help="how deepspeed starts remote ranks (default pdsh, over ssh). The MPI ones and slurm start ranks with "
+        "mpirun/srun and set no RANK/WORLD_SIZE/MASTER_ADDR: the recipe must find its rank from the MPI/SLURM variables",
+    )
     g.add_argument("--launcher_args", help="extra arguments for the launcher backend, one quoted string")
     g.add_argument(
         "--no_ssh",
@@ -64,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--slurm",
         action="store_true",
-        help="inside sbatch: write the hostfile from SLURM_JOB_NODELIST, master = first node, --launcher slurm (srun)",
+        help="under `srun --ntasks-per-node=1` in an allocation: hostfile from SLURM_JOB_NODELIST, master = first "
+        "node, --no_ssh --node_rank SLURM_NODEID",
     )
     g.add_argument("--slots", type=int, help="with --slurm: processes per node (default: from the SLURM variables)")
     p.add_argument("--dry-run", action="store_true", help="print the exact command (shell-quoted) and exit")
@@ -102,19 +108,24 @@ def build_command(
         args: from :func:`build_parser`.
         env: variables to read with ``--slurm`` (default ``os.environ``).
         slurm_hostfile_dir: where ``--slurm`` writes its hostfile when ``--hostfile`` is not given
-            (default: the temp dir; the file is named after ``SLURM_JOB_ID``).
+            (default: the temp dir; the file is named after ``SLURM_JOB_ID``). Each node writes its own copy.
 
     Returns:
         The full command, starting with the deepspeed executable.
     """
     env = os.environ if env is None else env
     hostfile, master_addr, launcher = args.hostfile, args.master_addr, args.launcher
+    node_rank, no_ssh = args.node_rank, args.no_ssh
     if args.slurm:
-        if args.no_ssh or args.node_rank is not None:
-            raise LaunchError("--slurm starts every node through srun; drop --no_ssh/--node_rank")
-        if launcher not in (None, "slurm"):
-            raise LaunchError(f"--slurm uses --launcher slurm, got --launcher {launcher}")
-        launcher = "slurm"
+        # One launcher per node (srun --ntasks-per-node=1), each starting its own ranks with --no_ssh. Not
+        # `--launcher slurm`: that starts ranks with a bare srun which sets no RANK/WORLD_SIZE/MASTER_ADDR, so the
+        # recipe would have to discover its rank from SLURM variables itself.
+        if args.no_ssh or args.node_rank is not None or launcher is not None:
+            raise LaunchError("--slurm sets --no_ssh, --node_rank (SLURM_NODEID) and the launcher itself; drop them")
+        if not env.get("SLURM_NODEID", "").isdigit():
+            raise LaunchError(
+                "--slurm: SLURM_NODEID is not set; run it under `srun --ntasks-per-node=1` (see launch/slurm.sbatch)"
+            )
         if hostfile is None:
             folder = Path(slurm_hostfile_dir or tempfile.gettempdir())
             hostfile = str(folder / f"dsft-hostfile-{env.get('SLURM_JOB_ID', 'local')}")
@@ -123,20 +134,21 @@ def build_command(
         except SlurmEnvError as e:
             raise LaunchError(f"--slurm: {e}") from e
         master_addr = master_addr or hosts[0]
+        node_rank, no_ssh = int(env["SLURM_NODEID"]), True
     elif args.slots is not None:
         raise LaunchError("--slots only applies with --slurm; for a hostfile write 'host slots=N' lines")
 
-    if args.node_rank is not None and not args.no_ssh:
+    if node_rank is not None and not no_ssh:
         raise LaunchError("--node_rank only applies with --no_ssh (with ssh, deepspeed numbers the nodes itself)")
-    if args.no_ssh:
-        if args.node_rank is None or args.node_rank < 0:
+    if no_ssh:
+        if node_rank is None or node_rank < 0:
             raise LaunchError("--no_ssh needs --node_rank N (this node's line index in the hostfile, from 0)")
         if not hostfile or not master_addr:
             raise LaunchError("--no_ssh needs --hostfile and --master_addr, the same on every node")
     multi_node_flags = [
         f"--{name}"
         for name in ("num_nodes", "include", "exclude", "launcher", "launcher_args")
-        if getattr(args, name) is not None and not (args.slurm and name == "launcher")
+        if getattr(args, name) is not None
     ]
     if hostfile is None and multi_node_flags:
         raise LaunchError(f"{', '.join(multi_node_flags)} need(s) --hostfile (or --slurm inside an allocation)")
@@ -161,8 +173,8 @@ def build_command(
         cmd += ["--launcher", launcher]
     if args.launcher_args is not None:
         cmd += ["--launcher_args", args.launcher_args]
-    if args.no_ssh:
-        cmd += ["--no_ssh", "--node_rank", str(args.node_rank)]
+    if no_ssh:
+        cmd += ["--no_ssh", "--node_rank", str(node_rank)]
     return cmd + [args.script, *args.script_args]
 
 

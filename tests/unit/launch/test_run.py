@@ -72,6 +72,7 @@ def test_slurm(capsys, tmp_path, monkeypatch):
         "SLURM_JOB_NODELIST": "gpu[07-08]",
         "SLURM_JOB_NUM_NODES": "2",
         "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_NODEID": "1",  # srun sets it per node
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -79,7 +80,17 @@ def test_slurm(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
     cmd = dry_run(["--slurm", *RECIPE], capsys)
     hostfile = tmp_path / "dsft-hostfile-4242"
-    assert cmd == ["deepspeed", "--hostfile", str(hostfile), "--master_addr", "gpu07", "--launcher", "slurm", *RECIPE]
+    assert cmd == [
+        "deepspeed",
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        "gpu07",
+        "--no_ssh",
+        "--node_rank",
+        "1",
+        *RECIPE,
+    ]
     assert hostfile.read_text() == "gpu07 slots=4\ngpu08 slots=4\n"
 
 
@@ -91,15 +102,66 @@ def test_slurm(capsys, tmp_path, monkeypatch):
         (["--launcher", "openmpi", "x.py"], "need(s) --hostfile"),
         (["--hostfile", "/nonexistent/hosts", "x.py"], "no such file"),
         (["--slots", "4", "x.py"], "only applies with --slurm"),
-        (["--slurm", "x.py"], "SLURM_JOB_NODELIST is not set"),
+        (["--slurm", "x.py"], "SLURM_NODEID is not set"),
+        (["--slurm", "--launcher", "slurm", "x.py"], "drop them"),
     ],
 )
 def test_bad_flag_combinations_say_what_to_change(argv, message, monkeypatch):
-    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
-    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    for var in ("SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_NODEID"):
+        monkeypatch.delenv(var, raising=False)
     args = build_parser().parse_args(["--deepspeed", "deepspeed", *argv])
     with pytest.raises(LaunchError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_command(args)
+
+
+def test_slurm_without_nodelist_says_so(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    args = build_parser().parse_args(["--deepspeed", "deepspeed", "--slurm", "x.py"])
+    with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST is not set"):
+        build_command(args)
+
+
+def test_slurm_sbatch_dry_run(tmp_path):
+    """launch/slurm.sbatch (what sbatch runs on each node under srun) prints this node's deepspeed command."""
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "PYTHON": sys.executable,
+        "TMPDIR": str(tmp_path),
+        "SLURM_JOB_ID": "9",
+        "SLURM_JOB_NODELIST": "gpu[01-02]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_NODEID": "0",
+        "SLURM_SUBMIT_DIR": str(REPO),
+    }
+    out = subprocess.run(
+        ["bash", "launch/slurm.sbatch", "finetune/full.py", "--config", "finetune/configs/full.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cmd = shlex.split(out)
+    hostfile = tmp_path / "dsft-hostfile-9"
+    assert cmd[1:] == [
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        "gpu01",
+        "--master_port",
+        "29500",
+        "--no_ssh",
+        "--node_rank",
+        "0",
+        "finetune/full.py",
+        "--config",
+        "finetune/configs/full.yaml",
+    ]
+    assert hostfile.read_text() == "gpu01 slots=8\ngpu02 slots=8\n"
 
 
 def test_cli_dry_run_subprocess_and_shell_wrapper():
