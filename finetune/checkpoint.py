@@ -410,10 +410,14 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
             except OSError as e:
                 logger.warning("%s: could not prune old checkpoint: %s", p, e)
     for p in root.iterdir():
-        if p.name.endswith(_PARTIAL_SUFFIX) and p.is_dir() and p.name != step_dir_name(step) + _PARTIAL_SUFFIX:
+        if not p.is_dir():
+            continue
+        if p.name.endswith(_PARTIAL_SUFFIX):
             # Left by a save that was killed; rank 0 is the only writer of this root and no save is running now.
             logger.warning("%s: removing partial checkpoint left by an interrupted save", p)
             _remove_dir(p)
+        elif ".deleting-" in p.name:
+            shutil.rmtree(p)  # a deletion that was killed half-way; already outside the step_* namespace
 
 
 def find_latest_checkpoint(ckpt_root: str | os.PathLike, verify_hashes: bool = True) -> Path | None:

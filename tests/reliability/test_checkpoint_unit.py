@@ -176,6 +176,7 @@ def test_partial_and_manifestless_dirs_are_ignored(engine, tmp_path, caplog):
 
 def test_keep_last_prunes_oldest_and_stale_partials(engine, tmp_path):
     (tmp_path / "step_00000001.partial").mkdir(parents=True)  # left by a killed save
+    (tmp_path / "step_00000000.deleting-1-2").mkdir()  # left by a killed prune
     for step in (1, 2, 3, 4):
         save_checkpoint(engine, tmp_path, step=step, client_state={}, keep_last=2)
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_"))
