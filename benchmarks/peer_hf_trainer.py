@@ -121,9 +121,13 @@ def _max_over_ranks(value: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import deepspeed
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+    # Before TrainingArguments: on CPU ranks (use_cpu) the Trainer creates the process group only at train time, but
+    # ZeRO-3's zero.Init inside from_pretrained already needs the world size (else "train_batch_size 8 != 4 * 1 * 1").
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     # TrainingArguments first: with deepspeed= it registers the ZeRO config that from_pretrained consults.
     targs = TrainingArguments(
