@@ -1,8 +1,9 @@
 """Every recipe through the real ``deepspeed --num_gpus 2`` launcher on CPU: it trains (loss falls), and what it
 leaves in ``final/`` reloads with ``from_pretrained`` / ``PeftModel.from_pretrained`` with the eval loss the run
 reported at its end. The method x ZeRO-stage matrix is spread over the tests so each launch (~20 s, mostly imports)
-covers one cell: full/2 (+ export), lora/2 (+ merge, + ZeRO checkpoint export), full/3, prefix/0, prompt/3,
-qlora/2; full/3 with optimizer offload is `slow` (DeepSpeedCPUAdam is JIT-compiled on first use, minutes)."""
+covers one cell: lora/2 (+ merge, + ZeRO checkpoint export), full/3, prefix/0, prompt/3, qlora/2 (full/2 runs
+in test_sft_and_resume). `slow`: full/3 with optimizer + parameter offload (DeepSpeedCPUAdam is JIT-compiled on
+first use, minutes) and full/2 with the fp32 export of its ZeRO checkpoint."""
 
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ def test_lora_zero2_checkpoint_merge_and_export(tmp_path, tiny_llama_dir, counti
     assert from_zero == pytest.approx(final, rel=1e-5)
 
 
+@pytest.mark.slow  # full fine-tuning already runs on ZeRO-3 here and on ZeRO-2 in the resume test
 def test_full_zero2_and_zero_checkpoint_export(tmp_path, tiny_llama_dir, counting_data):
     """Full fine-tuning on ZeRO-2; final/ is a complete HF model and equals the consolidated ZeRO checkpoint."""
     from finetune.export import consolidate_zero
