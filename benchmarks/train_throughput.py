@@ -486,11 +486,9 @@ def launch(
         raise RuntimeError(f"{script.name} exited with {proc.returncode}; log {log}, last lines:\n{tail}")
 
 
-def run_dsft(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: str, run_dir: Path) -> dict:
-    """Train with the dsft recipe of ``method``; return its step records and peak memory from ``metrics.jsonl``."""
-    out = run_dir / "dsft"
-    if out.exists():
-        shutil.rmtree(out)  # never resume an earlier benchmark run
+def dsft_overrides(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: str, out: Path) -> list[str]:
+    """The ``key=value`` overrides of the dsft recipe run (its YAML defaults are overridden where they differ from
+    the peer's setup: no gradient checkpointing, no warm-up or weight decay, one micro-batch per step)."""
     overrides = [
         f"model.name_or_path={assets['model']}",
         f"model.gradient_checkpointing={str(cfg.gradient_checkpointing).lower()}",
@@ -517,18 +515,23 @@ def run_dsft(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: 
             f"method.lora.dropout={cfg.lora_dropout}",
             "method.lora.target_modules=all-linear",
         ]
+    return overrides
+
+
+def run_dsft(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: str, run_dir: Path) -> dict:
+    """Train with the dsft recipe of ``method``; return its step records and peak memory from ``metrics.jsonl``."""
+    out = run_dir / "dsft"
+    if out.exists():
+        shutil.rmtree(out)  # never resume an earlier benchmark run
+    overrides = dsft_overrides(cfg, assets, method, zero, precision, out)
     prof = run_dir / "profile_dsft" if cfg.profile else None
     launch(RECIPES[method], overrides, cfg.world, run_dir / "dsft.log", cfg.timeout_s, prof, _profile_steps(cfg))
     records, peak = read_dsft_metrics(out / "metrics.jsonl")
     return {"records": records, "peak_memory_bytes": peak}
 
 
-def run_peer(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: str, run_dir: Path) -> dict:
-    """Train with ``peer_hf_trainer.py``; return its step records and peak memory."""
-    ds_path = run_dir / "peer_ds_config.json"
-    ds_path.write_text(json.dumps(peer_ds_config(zero, precision), indent=2))
-    result = run_dir / "peer.json"
-    result.unlink(missing_ok=True)
+def peer_args(cfg: BenchConfig, assets: dict, method: str, precision: str, ds_path: Path, result: Path) -> list[str]:
+    """Arguments of ``peer_hf_trainer.py``: the same model, samples, micro batch, precision and LoRA shape."""
     args = [
         f"--model={assets['model']}",
         f"--data={assets['hf_data']}",
@@ -545,6 +548,16 @@ def run_peer(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: 
     ]
     if cfg.gradient_checkpointing:
         args.append("--gradient-checkpointing")
+    return args
+
+
+def run_peer(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: str, run_dir: Path) -> dict:
+    """Train with ``peer_hf_trainer.py``; return its step records and peak memory."""
+    ds_path = run_dir / "peer_ds_config.json"
+    ds_path.write_text(json.dumps(peer_ds_config(zero, precision), indent=2))
+    result = run_dir / "peer.json"
+    result.unlink(missing_ok=True)
+    args = peer_args(cfg, assets, method, precision, ds_path, result)
     prof = run_dir / "profile_peer" if cfg.profile else None
     launch(PEER_SCRIPT, args, cfg.world, run_dir / "peer.log", cfg.timeout_s, prof, _profile_steps(cfg))
     data = json.loads(result.read_text())

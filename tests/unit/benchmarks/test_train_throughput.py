@@ -206,3 +206,30 @@ def test_profiler_counts_one_step_per_training_step_not_per_optimizer_call():
         for h in handles:
             h.remove()
     assert len(steps) == 3
+
+
+def test_both_tools_get_the_same_run_settings(tmp_path):
+    """The dsft overrides are valid config keys and say what the peer arguments say (catches renamed keys)."""
+    from finetune.config import load_config
+
+    cfg = tt.BenchConfig(micro_batch=16, steps=30, warmup_steps=5, world=1, lora_r=4)
+    assets = {"model": tmp_path / "model", "mmap": tmp_path / "train", "hf_data": tmp_path / "hf"}
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}")
+    for method in ("full", "lora"):
+        dsft = load_config(None, tt.dsft_overrides(cfg, assets, method, 3, "bf16", tmp_path / "out"))
+        peer = peer_hf_trainer.parse_args(tt.peer_args(cfg, assets, method, "bf16", ds, tmp_path / "peer.json"))
+        assert dsft.train.micro_batch_size == peer.micro_batch == 16 and dsft.train.grad_accum == peer.grad_accum
+        assert dsft.train.max_steps == peer.steps == 30 and dsft.train.lr == peer.lr
+        assert dsft.precision == peer.precision == "bf16" and dsft.zero.stage == 3
+        assert dsft.model.gradient_checkpointing is peer.gradient_checkpointing is False
+        assert dsft.train.adam_betas == list(peer.adam_betas) and dsft.train.max_grad_norm == peer.max_grad_norm
+        assert dsft.data.seq_len == tt.DataSpec().max_len and dsft.data.packing == "packed"
+        assert peer.model == str(assets["model"]) == dsft.model.name_or_path
+        if method == "lora":
+            lora = dsft.method.lora
+            assert (
+                (lora.r, lora.alpha, lora.dropout) == (peer.lora_r, peer.lora_alpha, peer.lora_dropout) == (4, 16, 0.05)
+            )
+    dsft_mb = tt.dsft_overrides(tt.BenchConfig(micro_batch=16, dsft_micro_batch=5), assets, "full", 2, "bf16", tmp_path)
+    assert "train.micro_batch_size=5" in dsft_mb
