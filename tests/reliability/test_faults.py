@@ -50,8 +50,9 @@ def train_prefix(tmp_path_factory, tiny_tokenizer) -> Path:
 def _kill_during_save_trial(model_dir: Path, root: Path, rng: random.Random, check_engine) -> bool:
     """One trial: start the saver, SIGKILL it at a random moment after its first save, check what is left.
 
-    Returns True when the kill left an unfinished save behind (a ``*.partial`` or ``*.deleting-*`` directory),
-    i.e. it landed inside a save rather than between two.
+    Returns True when the kill visibly landed inside a save rather than between two: it left an unfinished save
+    (a ``*.partial`` or ``*.deleting-*`` directory), or a save had renamed its directory but not yet returned
+    (the newest complete checkpoint is newer than the last one announced).
     """
     log = root.parent / f"{root.name}.log"
     with open(log, "wb") as fh:
@@ -71,7 +72,7 @@ def _kill_during_save_trial(model_dir: Path, root: Path, rng: random.Random, che
         if proc.poll() is None:
             proc.kill()
     announced = [int(m) for m in re.findall(r"^SAVED (\d+)$", log.read_text(errors="replace"), re.M)]
-    landed_mid_save = any(p.name.endswith(".partial") or ".deleting-" in p.name for p in root.iterdir())
+    leftovers = any(p.name.endswith(".partial") or ".deleting-" in p.name for p in root.iterdir())
 
     latest = (root / LATEST_NAME).read_text()
     verify_checkpoint(root / latest)  # `latest` names a complete directory, whatever the moment of the kill
@@ -80,7 +81,7 @@ def _kill_during_save_trial(model_dir: Path, root: Path, rng: random.Random, che
     step = int(found.name.split("_")[1])
     assert step >= max(announced), f"checkpoint {max(announced)} was announced complete but resume picks {step}"
     assert load_checkpoint(check_engine, found)["k"] == step
-    return landed_mid_save
+    return leftovers or step > max(announced)
 
 
 @pytest.fixture(scope="module")
