@@ -117,7 +117,7 @@ def build_model(
     else:
         raise ValueError(f"arch={arch!r}: expected 'llama' or 'gpt2'")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
