@@ -274,7 +274,7 @@ class Config:
 
 
 def _enabled(section: Any) -> bool:
-    return isinstance(section, dict) and section.get("enabled") in (True, "true", "auto")
+    return isinstance(section, dict) and section.get("enabled") in (True, "true")  # "auto" follows `precision`
 
 
 def _read_json(path: str, key: str) -> dict:

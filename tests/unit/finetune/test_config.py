@@ -116,3 +116,13 @@ def test_lr_schedule_warmup_then_decay():
     assert all(a >= b for a, b in zip(f[1:], f[2:], strict=False))
     assert lr_factor(9, 10, 0, "linear", 0.0) == pytest.approx(0.1)
     assert lr_factor(5, 10, 0, "constant", 0.0) == 1.0
+
+
+def test_user_deepspeed_json_auto_precision_is_accepted(tmp_path):
+    """ "auto" means "filled from precision", not "enabled": a JSON with both on auto is valid."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}, "train_batch_size": "auto"}))
+    assert _cfg(f"deepspeed={ds}", "train.micro_batch_size=1").validate(world_size=1).global_batch == 1
+    ds.write_text(json.dumps({"fp16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="precision=bf16 but deepspeed="):
+        _cfg(f"deepspeed={ds}", "precision=bf16", "train.micro_batch_size=1").validate(world_size=1)
