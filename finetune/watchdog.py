@@ -263,7 +263,7 @@ class StepWatchdog:
         self._stop.set()
         # A collective fails the moment a peer's socket closes, before its heartbeat can go stale: allow for that.
         msg = self.message(reason, grace_s=4 * self.heartbeat_s if code == EXIT_PEER_LOST else 0.0)
-        print(msg, file=sys.stderr, flush=True)
+        print(f"\n{msg}", file=sys.stderr, flush=True)  # own line: a progress bar may have left the cursor mid-line
         if self.on_timeout is not None:
             try:
                 self.on_timeout(msg)

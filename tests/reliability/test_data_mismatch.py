@@ -126,7 +126,6 @@ def test_recipe_refuses_truncated_mmap(tiny_llama_dir, good_prefix, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="finetune/engine.py does not call finetune.preflight.check_training_data yet")
 def test_recipe_refuses_token_id_beyond_vocab(tiny_llama_dir, big_id_prefix, tmp_path):
     proc = _run_recipe(tiny_llama_dir, big_id_prefix, tmp_path / "out")
     assert proc.returncode != 0 and "outside the model's vocabulary" in proc.stderr

@@ -208,14 +208,6 @@ def _index(dirpath: Path, shard_path: str, samples: int) -> Path:
     return idx
 
 
-# The loader does not check these yet (reported to the lead; data_tools/loading/webdataset_source.py is not ours).
-# strict=True: once it refuses them, these XPASS and fail, so the marker must be removed and the tests then guard it.
-_LOADER_LACKS_TRAVERSAL_CHECK = pytest.mark.xfail(
-    strict=True, reason="data_tools.loading.webdataset_source does not refuse path traversal yet"
-)
-
-
-@_LOADER_LACKS_TRAVERSAL_CHECK
 def test_webdataset_index_with_shard_outside_its_folder_is_refused(tmp_path):
     from data_tools.loader import build_dataloader
 
@@ -227,7 +219,6 @@ def test_webdataset_index_with_shard_outside_its_folder_is_refused(tmp_path):
         build_dataloader(idx, seq_len=8, micro_batch_size=1, packing="padding")
 
 
-@_LOADER_LACKS_TRAVERSAL_CHECK
 def test_webdataset_member_with_traversal_name_is_refused(tmp_path):
     from data_tools.loader import build_dataloader
 
