@@ -102,7 +102,7 @@ class BenchConfig:
     world: int = 2
     micro_batch: int = 4
     dsft_micro_batch: int | None = None
-    steps: int = 6
+    steps: int = 10
     warmup_steps: int = 2
     precision: str = "auto"
     lora_r: int = 8
