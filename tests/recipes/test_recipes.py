@@ -7,6 +7,8 @@ first use, minutes) and full/2 with the fp32 export of its ZeRO checkpoint."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.recipes.conftest import losses, metrics, reloaded_eval_loss, run_recipe
@@ -70,9 +72,13 @@ def test_lora_zero2_checkpoint_merge_and_export(tmp_path, tiny_llama_dir, counti
 
     out = tmp_path / "run"
     overrides = ["train.max_steps=16", "train.micro_batch_size=2", "train.grad_accum=2", "zero.stage=2"]
+    overrides.append("train.eval_every=8")
     gc = "model.gradient_checkpointing=true"  # with a frozen base: needs input grads / non-reentrant checkpointing
     run_recipe("lora", tiny_llama_dir, counting_data, out, *overrides, "train.lr=1e-2", "train.save_every=8", gc)
     _assert_trains(out, 0.3)
+    evals = metrics(out, "eval")  # train.eval_every=8 in the overrides below, plus the final evaluation
+    assert [r["step"] for r in evals] == [8, 16, 16] and evals[0]["loss"] > evals[-1]["loss"]
+    assert all(r["ppl"] == pytest.approx(math.exp(r["loss"])) for r in evals)
     final = _final_eval(out)
     assert reloaded_eval_loss(out, tiny_llama_dir, counting_data["eval"], "lora") == pytest.approx(final, rel=1e-5)
     assert (out / "final" / "adapter_model.safetensors").exists()
