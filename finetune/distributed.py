@@ -3,6 +3,9 @@
 A recipe runs the same way under three launchers:
 - ``deepspeed --num_gpus N recipe.py`` passes ``--local_rank=N`` and sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* env vars;
 - ``torchrun --nproc_per_node N recipe.py`` sets the same env vars;
+- DeepSpeed's ``--launcher slurm|openmpi|mpich|impi|mvapich`` start ranks with ``srun``/``mpirun``, which set only
+  their own variables (SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK, ...): we map those onto RANK/WORLD_SIZE/LOCAL_RANK,
+  because otherwise every process would silently train alone as a world of one;
 - ``python recipe.py`` sets none: we fill in a world of one so DeepSpeed does not go looking for MPI.
 """
 
@@ -22,10 +25,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# (rank, world size, local rank, local world size) variables set by MPI implementations and srun, in lookup order.
+_LAUNCHER_ENV = [
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK", "PMIX_LOCAL_SIZE"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+]
+
+
+def _env_from_launcher(env: dict[str, str]) -> dict[str, str] | None:
+    """RANK/WORLD_SIZE/LOCAL_RANK from srun or mpirun variables, or None when no multi-process launcher is visible."""
+    for rank_key, size_key, local_key, local_size_key in _LAUNCHER_ENV:
+        if rank_key in env and int(env.get(size_key, "1")) > 1:
+            if "MASTER_ADDR" not in env:
+                raise RuntimeError(
+                    f"{rank_key}={env[rank_key]} and {size_key}={env[size_key]} are set (an MPI/SLURM launch) but "
+                    "MASTER_ADDR is not: export MASTER_ADDR/MASTER_PORT to every rank, or start one "
+                    "`deepspeed --no_ssh --node_rank N` per node (python -m launch.run --slurm does this)"
+                )
+            local_size = env.get(local_size_key, "1").split("(")[0]  # SLURM writes e.g. "4(x2)"
+            return {
+                "RANK": env[rank_key],
+                "WORLD_SIZE": env[size_key],
+                "LOCAL_RANK": env.get(local_key, "0"),
+                "LOCAL_WORLD_SIZE": local_size,
+            }
+    return None
+
+
 def init(timeout_s: int = 1800) -> None:
     """Create the process group (idempotent): NCCL on CUDA, gloo on CPU; ``timeout_s`` bounds every collective."""
     if dist.is_available() and dist.is_initialized():
         return
+    if "RANK" not in os.environ and (mapped := _env_from_launcher(dict(os.environ))):
+        os.environ.update(mapped)
     if "RANK" not in os.environ:  # plain `python recipe.py`: a world of one on this host
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--launcher",
         choices=LAUNCHERS,
         help="how deepspeed starts remote ranks (default pdsh, over ssh). The MPI ones and slurm start ranks with "
-        "mpirun/srun and set no RANK/WORLD_SIZE/MASTER_ADDR: the recipe must find its rank from the MPI/SLURM variables",
+        "mpirun/srun; finetune.distributed maps their rank variables (needs MASTER_ADDR exported to every rank)",
     )
     g.add_argument("--launcher_args", help="extra arguments for the launcher backend, one quoted string")
     g.add_argument(
