@@ -72,12 +72,15 @@ def resolve_data(path: str, cfg: Config, tokenizer) -> str:
         )
         cache = Path(cfg.data.cache_dir or Path(cfg.output_dir) / "data_cache")
         prefix = cache / f"{p.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-        if dist.is_main() and not Path(f"{prefix}.idx").exists():
-            from data_tools.convert import convert
+        options = dict(fmt=cfg.data.format, max_length=cfg.data.seq_len, over_length="truncate")
+        from data_tools.convert import convert, is_conversion_current
 
+        # The meta is written last by convert(): checking it (not just the .idx) means a conversion killed between
+        # its renames is redone instead of trained on.
+        if dist.is_main() and not is_conversion_current(prefix, [p], tokenizer, **options):
             cache.mkdir(parents=True, exist_ok=True)
             print(f"[dsft] converting {p} -> {prefix} (once; cached for later runs)", flush=True)
-            convert([p], prefix, tokenizer, fmt=cfg.data.format, max_length=cfg.data.seq_len, over_length="truncate")
+            convert([p], prefix, tokenizer, **options)
         dist.barrier()
         return str(prefix)
     if not Path(f"{p}.idx").exists():

@@ -71,3 +71,24 @@ def test_mfu_is_none_without_a_known_gpu():
         assert value is None or 0 < value < 1
     else:
         assert mfu(10**9, 1000.0, 2) is None  # CPU: no peak to compare with
+
+
+def test_raw_jsonl_is_converted_once_and_redone_when_unfinished(tmp_path, tiny_tokenizer):
+    from data_tools.meta import meta_path
+    from finetune.engine import resolve_data
+
+    raw = tmp_path / "chat.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"{i}+1"}, {"role": "assistant", "content": f"{i + 1}"}]}
+        for i in range(4)
+    ]
+    raw.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", "data.format=messages", "data.seq_len=64"])
+    prefix = resolve_data(str(raw), cfg, tiny_tokenizer)
+    bin_file = tmp_path / "out" / "data_cache" / f"{prefix.rsplit('/', 1)[1]}.bin"
+    first = bin_file.stat().st_mtime_ns
+    assert resolve_data(str(raw), cfg, tiny_tokenizer) == prefix
+    assert bin_file.stat().st_mtime_ns == first, "a finished conversion is reused"
+    meta_path(prefix).unlink()  # as if the converter died after renaming the data files but before the meta
+    assert resolve_data(str(raw), cfg, tiny_tokenizer) == prefix
+    assert meta_path(prefix).is_file(), "an unfinished conversion is redone"
