@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_configs.build import STAGE3_PREFETCH_BUCKET, STAGE3_REDUCE_BUCKET, STAGE12_BUCKET
+from ds_configs.build import STAGE3_PREFETCH_BUCKET, STAGE3_REDUCE_BUCKET, STAGE12_BUCKET, comm_bucket
 
 GiB = 1024**3
 METHODS = ("full", "lora", "qlora", "ptuning_v2", "prompt_tuning")
@@ -453,10 +453,10 @@ def buffer_bytes(shape: ModelShape, *, zero_stage: int, trainable: int, method: 
     h = shape.hidden_size
     out = 0
     if zero_stage in (1, 2):
-        bucket = min(h * h if h else STAGE12_BUCKET, trainable)
+        bucket = min(comm_bucket(h, STAGE12_BUCKET), trainable)
         out += int(4.5 * 2 * bucket * 2)  # DeepSpeed docs: overlap_comm holds 4.5 × (reduce + allgather) buckets
     elif zero_stage == 3:
-        reduce_b = min(h * h if h else STAGE3_REDUCE_BUCKET, trainable)
+        reduce_b = min(comm_bucket(h, STAGE3_REDUCE_BUCKET), trainable)
         prefetch = int(0.9 * h * h) if h else STAGE3_PREFETCH_BUCKET
         out += 2 * (reduce_b + prefetch) * 2
     if method.name == "qlora":

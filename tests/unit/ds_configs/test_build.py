@@ -44,10 +44,18 @@ def test_stage3_offload_sections():
 
 
 def test_hidden_size_sizes_buckets_like_hf_auto():
-    zero = make_ds_config(zero_stage=3, batch=PLAN, precision="bf16", hidden_size=1024)["zero_optimization"]
-    assert zero["reduce_bucket_size"] == 1024 * 1024
-    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
-    assert zero["stage3_param_persistence_threshold"] == 10 * 1024
+    zero = make_ds_config(zero_stage=3, batch=PLAN, precision="bf16", hidden_size=4096)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 4096 * 4096
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
+    assert zero["stage3_param_persistence_threshold"] == 10 * 4096
+
+
+def test_small_models_get_a_bucket_floor_not_one_collective_per_parameter():
+    from ds_configs.build import MIN_BUCKET
+
+    for stage in (2, 3):
+        zero = make_ds_config(zero_stage=stage, batch=PLAN, precision="bf16", hidden_size=128)["zero_optimization"]
+        assert zero["reduce_bucket_size"] == MIN_BUCKET > 128 * 128
 
 
 def test_optimizer_passed_through():
