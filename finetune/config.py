@@ -90,6 +90,12 @@ class TrainConfig:
     save_every: int = _f(0, "Write a resumable checkpoint every N steps (0 = none).")
     log_every: int = _f(1, "Write a metrics.jsonl row every N steps.")
     keep_last: int = _f(2, "Checkpoints kept under output_dir/checkpoints (older ones are pruned).")
+    on_save_error: str = _f(
+        "stop",
+        "A checkpoint save that fails (e.g. disk full): stop = exit with a message (resume later with "
+        "train.resume=auto); continue = warn and keep training, the previous checkpoint stays the resume point.",
+        choices=("stop", "continue"),
+    )
     resume: str = _f("auto", "auto = newest complete checkpoint in output_dir if any; never; or a checkpoint path.")
     collective_timeout_s: int = _f(1800, "Timeout of one collective (process-group timeout) in seconds.")
     step_timeout_s: int = _f(0, "Abort when one step takes longer than this (hang watchdog); 0 disables it.")

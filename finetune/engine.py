@@ -28,12 +28,14 @@ from pathlib import Path
 import torch
 
 from finetune import distributed as dist
+from finetune.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.config import Config, ConfigError, to_dict
 from finetune.metrics import MetricsLogger, memory_stats, mfu
 
 logger = logging.getLogger(__name__)
 
 EXIT_BAD_STEPS = 3  # exit code when training aborts after train.max_bad_steps non-finite steps in a row
+EXIT_SAVE_FAILED = 4  # exit code when a checkpoint save fails with train.on_save_error=stop
 
 
 class TrainingAborted(RuntimeError):
@@ -199,8 +201,6 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
     ckpt_root = out / "checkpoints"
     resume_from = _resume_path(cfg, ckpt_root)
     if resume_from is not None:
-        from finetune.checkpoint import load_checkpoint
-
         state = load_checkpoint(engine, resume_from)
         step, bad_streak = int(state["step"]), int(state.get("bad_streak", 0))
         loader.load_state_dict(state["loader"])
@@ -247,15 +247,19 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                     metrics.log({"step": step, "split": "eval", **evaluate(engine, eval_loader, cfg)})
                     metrics.plot()
                 if cfg.train.save_every and step % cfg.train.save_every == 0:
-                    from finetune.checkpoint import save_checkpoint
-
                     state = {
                         "step": step,
                         "bad_streak": bad_streak,
                         "loader": loader.state_dict(),
                         "config": to_dict(cfg),
                     }
-                    watchdog.note_checkpoint(save_checkpoint(engine, ckpt_root, step, state, cfg.train.keep_last))
+                    try:
+                        watchdog.note_checkpoint(save_checkpoint(engine, ckpt_root, step, state, cfg.train.keep_last))
+                    except CheckpointError as e:  # raised on every rank alike; previous checkpoint left intact
+                        if cfg.train.on_save_error == "stop":
+                            raise
+                        if dist.is_main():
+                            print(f"[dsft] WARNING checkpoint at step {step} failed, training on: {e}", flush=True)
             summary = {"step": step, "loss": last.get("loss")}
             if eval_loader is not None:
                 ev = evaluate(engine, eval_loader, cfg)
@@ -413,7 +417,6 @@ def _resume_path(cfg: Config, ckpt_root: Path) -> Path | None:
         return None
     if cfg.train.resume != "auto":
         return Path(cfg.train.resume)
-    from finetune.checkpoint import find_latest_checkpoint
 
     return find_latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
 
@@ -474,6 +477,15 @@ def main(
     except TrainingAborted as e:
         print(f"[dsft] training aborted on rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_STEPS
+    except CheckpointError as e:
+        if dist.is_main():
+            print(
+                f"[dsft] CheckpointError: save failed, training stopped: {e}\nThe previous checkpoint is intact: free space "
+                "and rerun the same command (train.resume=auto), or set train.on_save_error=continue.",
+                file=sys.stderr,
+                flush=True,
+            )
+        return EXIT_SAVE_FAILED
     finally:
         dist.destroy()
     return 0

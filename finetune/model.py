@@ -70,6 +70,7 @@ def load_model(cfg: Config, ds_config: dict, precision: str, attn_implementation
         dtype=weight_dtype(cfg, precision),
         attn_implementation=attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=True,  # never unpickle weights: a .bin-only checkpoint is refused (convert it with safetensors)
         **kwargs,
     )
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory

@@ -186,11 +186,21 @@ def test_lost_rank_exits_bounded_then_resume_matches_uninterrupted(tiny_llama_di
 
 # ---------------------------------------------------------------------------------------------- disk full in recipe
 @pytest.mark.slow
-def test_disk_full_during_recipe_save_keeps_previous_checkpoint(tiny_llama_dir, train_prefix, tmp_path):
+@pytest.mark.parametrize("policy", ["stop", "continue"])
+def test_disk_full_during_recipe_save_keeps_previous_checkpoint(tiny_llama_dir, train_prefix, tmp_path, policy):
     """After the first checkpoint, both ranks get a file-size limit (RLIMIT_FSIZE via prlimit: writes fail with
-    EFBIG like ENOSPC); the next save must fail cleanly and leave the previous checkpoint and `latest` intact."""
+    EFBIG like ENOSPC); the next save must fail cleanly and leave the previous checkpoint and `latest` intact.
+    With train.on_save_error=continue training goes on past the failed save (the final save then fails too)."""
     out = tmp_path / "job"
-    args = h.recipe_args(tiny_llama_dir, str(train_prefix), out, "train.max_steps=400", "train.save_every=3")
+    args = h.recipe_args(
+        tiny_llama_dir,
+        str(train_prefix),
+        out,
+        "train.max_steps=400",
+        # continue: 7 failed saves after the first good one (rank 1 was seen dying after ~130 in a row: open item)
+        "train.save_every=3" if policy == "stop" else "train.save_every=50",
+        f"train.on_save_error={policy}",
+    )
     job = h.launch_single_node(args, tmp_path / "job.log")
     ckpts = out / "checkpoints"
     h.wait_for(lambda: (ckpts / LATEST_NAME).exists(), 300, "the first checkpoint", launches=[job])
@@ -200,8 +210,16 @@ def test_disk_full_during_recipe_save_keeps_previous_checkpoint(tiny_llama_dir, 
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
     rc = job.wait(timeout=300)
     log = job.text()
-    assert rc != 0
-    assert "CheckpointError" in log and "previous checkpoint" in log, log[-3000:]
+    assert (rc != 0) == (policy == "stop"), f"rc={rc} with train.on_save_error={policy}"
+    assert "previous checkpoint" in log, log[-3000:]
+    if policy == "stop":
+        assert "CheckpointError" in log and "training stopped" in log and "train.on_save_error=continue" in log, log[
+            -3000:
+        ]
+    else:
+        assert "failed, training on" in log, log[-3000:]
+        steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert max(steps) == 400, "training should reach max_steps after the failed saves"
     assert (ckpts / LATEST_NAME).read_text() == first.name
     assert not list(ckpts.glob("*.partial"))
     verify_checkpoint(first)

@@ -125,8 +125,10 @@ def test_slurm_without_nodelist_says_so(monkeypatch):
 
 def test_slurm_sbatch_dry_run(tmp_path):
     """launch/slurm.sbatch (what sbatch runs on each node under srun) prints this node's deepspeed command."""
+    # Other tests in the same session may have exported MASTER_ADDR/PORT (in-process process groups): not ours.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "SLURM_"))}
     env = {
-        **os.environ,
+        **inherited,
         "DRY_RUN": "1",
         "PYTHON": sys.executable,
         "TMPDIR": str(tmp_path),
