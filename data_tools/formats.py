@@ -154,13 +154,7 @@ def _alpaca_messages(record: dict) -> list[dict[str, str]]:
         raise BadRecord("empty", 'empty "instruction" and "input"')
     if not output.strip():
         raise BadRecord("empty", 'empty "output" (nothing to learn)')
-    messages = []
-    system = record.get("system")
-    if system is not None:
-        if not isinstance(system, str):
-            raise BadRecord("wrong_type", f'key "system" must be a string, got {type(system).__name__}')
-        if system.strip():
-            messages.append({"role": "system", "content": system})
+    messages = _system_message(record)
     history = record.get("history") or []
     if not isinstance(history, list):
         raise BadRecord(
@@ -174,15 +168,19 @@ def _alpaca_messages(record: dict) -> list[dict[str, str]]:
     return messages
 
 
+def _system_message(record: dict) -> list[dict[str, str]]:
+    """The optional top-level ``system`` string (alpaca, sharegpt) as a leading message; none when absent or blank."""
+    system = record.get("system")
+    if system is None:
+        return []
+    if not isinstance(system, str):
+        raise BadRecord("wrong_type", f'key "system" must be a string, got {type(system).__name__}')
+    return [{"role": "system", "content": system}] if system.strip() else []
+
+
 def _sharegpt_messages(record: dict) -> list[dict[str, str]]:
     turns = _require(record, "conversations", list, "a list of {from, value} objects")
-    messages = []
-    system = record.get("system")
-    if system is not None:
-        if not isinstance(system, str):
-            raise BadRecord("wrong_type", f'key "system" must be a string, got {type(system).__name__}')
-        if system.strip():
-            messages.append({"role": "system", "content": system})
+    messages = _system_message(record)
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadRecord("wrong_type", f"conversations[{n}] must be an object, got {type(turn).__name__}")
