@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from finetune import distributed as dist
+from finetune import ops
 from finetune.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.config import Config, ConfigError, to_dict
 from finetune.metrics import MetricsLogger, memory_stats, mfu
@@ -183,6 +184,10 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
     model = load_model(cfg, ds_config, precision, hf_attn)
+    ops.build(
+        (["CPUAdamBuilder"] if offloading else [])
+        + (["AsyncIOBuilder"] if "nvme" in (cfg.zero.offload_optimizer, cfg.zero.offload_params) else [])
+    )
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
     def schedule(opt):

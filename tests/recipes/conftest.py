@@ -104,8 +104,12 @@ def run_recipe(
     timeout: int = 600,
     launcher="deepspeed",
 ):
-    """Run a recipe to completion; fail the test with the log tail when it does not exit 0."""
-    proc = launch(recipe_cmd(recipe, nproc, model_dir, data, out, *overrides, launcher=launcher), out)
+    """Run a recipe to completion; fail the test with the log tail when it does not exit 0.
+
+    Also fails if the job left DeepSpeed's CPU all-reduce buffers in /dev/shm (66 MB of RAM per rank per launch).
+    """
+    cmd = recipe_cmd(recipe, nproc, model_dir, data, out, *overrides, launcher=launcher)
+    proc = launch(cmd, out)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -114,6 +118,9 @@ def run_recipe(
     if rc != 0:
         tail = Path(f"{out}.log").read_text(errors="replace")[-4000:]
         pytest.fail(f"{recipe} exited {rc}; log tail:\n{tail}")
+    if "--master_port" in cmd:
+        port = cmd[cmd.index("--master_port") + 1]
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "leaked /dev/shm buffers"
     return out
 
 

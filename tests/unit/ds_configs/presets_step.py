@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from ds_configs import make_ds_config, resolve_batch, resolve_precision
 from ds_configs.build import PRESETS, preset_path
+from finetune import distributed, ops
 
 # fp32 and bf16 alternate so both precisions pass through every code path family (fp16 raises on CPU).
 PRECISION = {
@@ -62,6 +63,7 @@ def run_preset(name: str, model_dir: str, nvme_dir: str) -> dict:
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ops.build((["CPUAdamBuilder"] if opt_dev != "none" else []) + (["AsyncIOBuilder"] if "nvme" in name else []))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     gen = torch.Generator().manual_seed(1234 + engine.global_rank)
     ids = torch.randint(0, model.config.vocab_size, (batch.micro_batch_size, 16), generator=gen)
@@ -83,7 +85,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
     model_dir, nvme_dir, out_json = args.model_dir, args.nvme_dir, args.out_json
-    deepspeed.init_distributed()
+    distributed.init()  # as the recipes do: op builds guarded against stale torch build locks
     results = {}
     for name in PRESETS:
         if "nvme" in name and (reason := nvme_supported()):
