@@ -201,6 +201,7 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         config=ds_config,
         lr_scheduler=schedule,
     )
+    skip_non_finite_steps(engine)
 
     step, bad_streak = 0, 0
     ckpt_root = out / "checkpoints"
@@ -346,6 +347,30 @@ def _loss_scale(engine) -> float | None:
     if not engine.fp16_enabled():
         return None
     return float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", float("nan"))))
+
+
+def skip_non_finite_steps(engine) -> None:
+    """Make ``engine`` skip an optimizer step whose gradients hold inf/NaN, whatever its ZeRO stage and precision.
+
+    Under ZeRO-1/2/3 (any precision) and bf16/fp16 at ZeRO-0, DeepSpeed's optimizer wrapper checks the gradient norm
+    and skips a non-finite step (``was_step_applied()`` is False). ZeRO-0 fp32 hands DeepSpeed the torch optimizer
+    itself, which applies the NaN and ruins every weight. DeepSpeed's engine reads ``optimizer.overflow`` after each
+    step (``_take_model_step``), so setting it gives this case the same skip and bookkeeping (the LR schedule does not
+    advance, ``skipped_steps`` counts it). Gradients are already all-reduced here, so every rank decides alike.
+    """
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return  # DeepSpeed's own wrapper skips already (tests/unit/finetune/nan_step_script.py checks every case)
+    optimizer = engine.optimizer
+    step = optimizer.step
+
+    def guarded_step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer.overflow = bool(grads) and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().item()
+        if not optimizer.overflow:
+            return step(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.step = guarded_step
 
 
 def _check_finite(loss, grad_norm, engine, bad_streak: int, cfg: Config, precision: str, step: int) -> int:

@@ -92,3 +92,32 @@ def test_raw_jsonl_is_converted_once_and_redone_when_unfinished(tmp_path, tiny_t
     meta_path(prefix).unlink()  # as if the converter died after renaming the data files but before the meta
     assert resolve_data(str(raw), cfg, tiny_tokenizer) == prefix
     assert meta_path(prefix).is_file(), "an unfinished conversion is redone"
+
+
+def test_a_nan_step_is_skipped_on_every_zero_stage_and_precision(tiny_llama_dir, tmp_path):
+    """Real DeepSpeed engines (world of one, fresh process): the NaN step is not applied and the weights stay finite,
+    then training goes on. Without skip_non_finite_steps, ZeRO-0 fp32 turns every weight into NaN."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("nan_step_script.py")
+    out = tmp_path / "nan.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    repo = Path(__file__).resolve().parents[3]
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_llama_dir), str(out)],
+        cwd=repo,
+        env={**env, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert len(results) == 8
+    for case, (good, poisoned, after) in results.items():
+        assert good == {"applied": True, "finite": True}, case
+        assert poisoned == {"applied": False, "finite": True}, case
+        assert after == {"applied": True, "finite": True}, case
