@@ -204,7 +204,8 @@ def build_dataloader(
         num_workers: DataLoader worker processes building batches (0 = in this process).
         shuffle: shuffle samples (mmap: DistributedSampler; WebDataset: shard order + a sample buffer).
         drop_last: mmap path. True: every rank drops the remainder (no sample is repeated, a few per epoch are
-            skipped). False: ranks pad by repeating their first samples/rows (every sample is seen at least once).
+            skipped). False: ranks pad to equal batch counts by repeating samples/rows, with no targets (labels
+            all -100), so every sample's targets count exactly once over all ranks (exact evaluation).
         pad_id: token id of padding (labels there are -100 whatever it is).
         pack_window: rows the first-fit packer keeps open.
         shuffle_buffer: WebDataset sample shuffle buffer per worker.

@@ -16,6 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from data_tools import indexed
 from data_tools.loading.packing import (
+    IGNORE_INDEX,
     PackingStats,
     bucket_order,
     collate_chunks,
@@ -82,16 +83,30 @@ class MmapSource:
 
 
 def rank_order(n: int, *, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool):
-    """This rank's sample indices for ``epoch``: exactly what ``DistributedSampler`` yields.
+    """This rank's sample indices for ``epoch``: what ``DistributedSampler`` yields, with its repeats marked.
 
     drop_last=True drops the tail so every rank gets ``n // world_size`` samples; drop_last=False pads by repeating
-    the first samples so every rank gets ``ceil(n / world_size)`` (a few samples are seen twice).
+    the first samples so every rank gets ``ceil(n / world_size)``. A repeat is returned as ``~i`` (see ``repeat``):
+    it still runs through the model, so every rank does the same number of forward passes (ZeRO-3 needs that), but
+    it carries no targets, so an evaluation counts every sample exactly once.
     """
     sampler = DistributedSampler(
         range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
     sampler.set_epoch(epoch)
-    return np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+    order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+    padded = rank + np.arange(len(order)) * world_size >= n  # DistributedSampler takes positions rank::world_size
+    return np.where(padded, ~order, order)
+
+
+def repeat(i: int) -> int:
+    """Mark plan entry ``i`` (a sample or chunk index) as a zero-weight repeat: ``~i``, always negative."""
+    return ~i if i >= 0 else i
+
+
+def entry(i: int) -> tuple[int, bool]:
+    """(index, is_repeat) of a plan entry."""
+    return (i, False) if i >= 0 else (~i, True)
 
 
 def make_plan(source: MmapSource, *, epoch: int, cfg) -> tuple[list, PackingStats]:
@@ -122,15 +137,16 @@ def make_plan(source: MmapSource, *, epoch: int, cfg) -> tuple[list, PackingStat
         counts = []
         for r in range(w):
             order = rank_order(len(source), rank=r, **kw)
-            packed = pack_lengths(lengths[order], t, cfg.pack_window)
+            packed = pack_lengths(lengths[_index(order)], t, cfg.pack_window)
             counts.append(len(packed))
             if r == cfg.rank:  # only this rank's rows are kept; the others only count
-                mine, rows = order, [[int(order[p]) for p in row] for row in packed]
+                mine, rows = _index(order), [[int(order[p]) for p in row] for row in packed]
         nb = min(counts) // b if cfg.drop_last else max(math.ceil(c / b) for c in counts)
         _check_nonempty(nb, f"{len(source)} samples", cfg)
-        used = [rows[i % len(rows)] for i in range(nb * b)]
+        # Rows past this rank's own (to match the rank with the most) wrap around as zero-weight repeats.
+        used = [rows[i] if i < len(rows) else [repeat(s) for s in rows[i % len(rows)]] for i in range(nb * b)]
         plan = [used[i * b : (i + 1) * b] for i in range(nb)]
-        real = int(sum(lengths[s] for row in used for s in row))
+        real = int(sum(lengths[entry(s)[0]] for row in used for s in row))
         trunc = source.sizes[mine] > t
         stats = PackingStats(
             samples=sum(len(r) for r in used),
@@ -144,14 +160,15 @@ def make_plan(source: MmapSource, *, epoch: int, cfg) -> tuple[list, PackingStat
     order = rank_order(len(source), rank=cfg.rank, **kw)
     if cfg.packing == "bucket":
         rng = np.random.default_rng([cfg.seed, epoch, 1])  # same batch shuffle on all ranks
-        batches = [[int(order[p]) for p in bt] for bt in bucket_order(lengths[order], b, rng)]
+        batches = [[int(order[p]) for p in bt] for bt in bucket_order(lengths[_index(order)], b, rng)]
     else:
         batches = [order[i : i + b].tolist() for i in range(0, len(order), b)]
     if cfg.drop_last:
         batches = [bt for bt in batches if len(bt) == b]
     _check_nonempty(len(batches), f"{len(source)} samples", cfg)
-    real = int(sum(lengths[s] for bt in batches for s in bt))
-    total = int(sum(len(bt) * lengths[bt].max() for bt in batches))
+    real = int(sum(lengths[entry(s)[0]] for bt in batches for s in bt))
+    total = int(sum(len(bt) * lengths[_index(np.array(bt))].max() for bt in batches))
+    order = _index(order)
     trunc = source.sizes[order] > t
     stats = PackingStats(
         samples=sum(len(bt) for bt in batches),
@@ -162,6 +179,11 @@ def make_plan(source: MmapSource, *, epoch: int, cfg) -> tuple[list, PackingStat
         truncated_tokens=int((source.sizes[order][trunc] - t).sum()),
     )
     return batches, stats
+
+
+def _index(entries: np.ndarray) -> np.ndarray:
+    """Plan entries -> sample indices (repeats decoded)."""
+    return np.where(entries < 0, ~entries, entries)
 
 
 def text_chunks(source: MmapSource, cfg) -> bool:
@@ -192,9 +214,17 @@ class PlanBatches(Dataset):
         cfg, src, batch = self.cfg, self.source, self.plan[j]
         t = cfg.seq_len
         if self.chunks:
-            parts = [src.chunk(c, t) for c in batch]
-            return collate_chunks(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), cfg.attention)
+            parts = [src.chunk(entry(c)[0], t) for c in batch]
+            out = collate_chunks(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), cfg.attention)
+            out["labels"][[entry(c)[1] for c in batch]] = IGNORE_INDEX  # repeated chunks carry no targets
+            return out
         if cfg.packing == "packed":
-            rows = [[src.sample(i, t) for i in row] for row in batch]
+            rows = [[self._sample(i) for i in row] for row in batch]
             return collate_packed(rows, t, cfg.pad_id, cfg.attention)
-        return collate_padded([src.sample(i, t) for i in batch], cfg.pad_id)
+        return collate_padded([self._sample(i) for i in batch], cfg.pad_id)
+
+    def _sample(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sample of plan entry ``i``; a repeat gets an all-zero loss mask (no targets)."""
+        index, repeated = entry(i)
+        ids, loss_mask = self.source.sample(index, self.cfg.seq_len)
+        return (ids, np.zeros(len(ids), np.uint8)) if repeated else (ids, loss_mask)

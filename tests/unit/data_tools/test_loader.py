@@ -152,6 +152,31 @@ def test_mmap_two_ranks_disjoint_complete_equal_counts(sft, packing):
     assert a | b == set(range(len(samples))), "some samples were never seen"
 
 
+def _targets(prefix, world_size, **kw):
+    """Target tokens over all ranks' batches for one epoch, and each rank's batch count."""
+    total, counts = 0, []
+    for rank in range(world_size):
+        loader = build_dataloader(prefix, rank=rank, world_size=world_size, drop_last=False, shuffle=True, **kw)
+        counts.append(len(loader))
+        total += sum(int((batch["labels"] != -100).sum()) for batch in loader)
+    return total, counts
+
+
+@pytest.mark.parametrize("packing", ["packed", "padding", "bucket", "text"])
+def test_eval_with_drop_last_false_counts_every_target_exactly_once(sft, tmp_path, packing):
+    """drop_last=False pads ranks to equal batch counts by repeating samples (DistributedSampler) or rows (packing);
+    the repeats run through the model but carry no targets, so a 3-rank eval loss sums exactly what 1 rank sums."""
+    prefix, samples = sft
+    if packing == "text":
+        prefix, packing = write_mmap(tmp_path / "text", samples[:301], loss_mask=False), "packed"
+    kw = dict(seq_len=128, micro_batch_size=4, packing=packing)
+    reference, _ = _targets(prefix, 1, **kw)
+    for world_size in (2, 3, 7):
+        total, counts = _targets(prefix, world_size, **kw)
+        assert len(set(counts)) == 1, counts  # equal forward passes on every rank (ZeRO-3 needs them)
+        assert total == reference, f"world_size={world_size}"
+
+
 def test_mmap_drop_last_equal_counts_and_batches_change_with_epoch(sft):
     prefix, _ = sft
     loaders = [build_dataloader(prefix, seq_len=128, micro_batch_size=3, rank=r, world_size=2) for r in range(2)]
