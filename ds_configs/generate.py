@@ -128,6 +128,17 @@ def _check(req: Request, stage: int, opt: str, par: str, micro: int, gc: bool) -
     return est, "; ".join(problems)
 
 
+def _qlora_refusal(req: Request, stage: int, par: str) -> str | None:
+    """Why the engine refuses this QLoRA strategy (finetune/config.py says the same), or None."""
+    if req.method.name != "qlora":
+        return None
+    if par != "none":
+        return "bitsandbytes 4/8-bit weights cannot be offloaded by ZeRO-3"
+    if stage == 3 and req.method.quant_bits == 8:
+        return "ZeRO-3 partitions 4-bit QLoRA weights only (--quant-bits 4)"
+    return None
+
+
 def evaluate(req: Request) -> list[Candidate]:
     """Evaluate every strategy; each at the largest micro batch that fits (no checkpointing preferred)."""
     out: list[Candidate] = []
@@ -136,8 +147,7 @@ def evaluate(req: Request) -> list[Candidate]:
         if "nvme" in (opt, par) and not req.nvme_path:
             out.append(Candidate(name, stage, opt, par, 0, False, None, False, "needs --nvme-path"))
             continue
-        if req.method.name == "qlora" and par != "none":
-            why = "bitsandbytes 4/8-bit weights cannot be offloaded by ZeRO-3"
+        if why := _qlora_refusal(req, stage, par):
             out.append(Candidate(name, stage, opt, par, 0, False, None, False, why))
             continue
         found = None
@@ -222,7 +232,7 @@ def suggest(req: Request) -> list[str]:
     for name, stage, opt, par in STRATEGIES:
         if "nvme" in (opt, par) and not req.nvme_path:
             continue
-        if req.method.name == "qlora" and par != "none":
+        if _qlora_refusal(req, stage, par):
             continue
         est, _ = _check(req, stage, opt, par, 1, req.checkpointing != "off")
         if cheapest_gpu is None or est.gpu_with_margin < cheapest_gpu[1].gpu_with_margin:

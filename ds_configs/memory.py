@@ -531,6 +531,12 @@ def estimate(
         precision=precision,
         load_bytes_per_param=4 if method.name == "full" else 2,
     )
+    if method.name == "qlora" and zero_stage == 3:
+        # bitsandbytes does not load under zero.Init: each rank places the whole quantised base on its GPU (and
+        # prepare_model_for_kbit_training upcasts the rest to fp32) before deepspeed.initialize partitions it.
+        quant = shape.quantizable_params
+        load_peak = quant * QUANT_BYTES[method.quant_bits] + (shape.total_params - quant) * 4
+        states = ModelStates(gpu=max(states.gpu, int(load_peak)), cpu=states.cpu, nvme=states.nvme)
     seq = seq_len + (method.virtual_tokens if method.name == "prompt_tuning" else 0)
     acts = activation_bytes(
         shape, seq_len=seq, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, precision=precision

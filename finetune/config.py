@@ -260,10 +260,11 @@ class Config:
                 f"method.name=qlora with zero.offload_params={self.zero.offload_params}: quantized base weights "
                 "cannot be partitioned/offloaded by ZeRO-3; use zero.offload_params=none and zero.stage=2"
             )
-        if m.name == "qlora" and self.zero.stage == 3:
-            # bitsandbytes places weights while quantizing (a device_map), which from_pretrained refuses under
-            # zero.Init; the 4-bit base is already ~1/4 of bf16, and ZeRO-2 still shards the adapters' optimizer.
-            raise ConfigError("method.name=qlora with zero.stage=3 is not supported; use zero.stage=2 (or 0/1)")
+        if m.name == "qlora" and self.zero.stage == 3 and m.qlora.bits == 8:
+            # 4-bit codes can be stored in the training dtype, which ZeRO-3 partitions; LLM.int8 weights cannot.
+            raise ConfigError(
+                "method.qlora.bits=8 with zero.stage=3 is not supported: use method.qlora.bits=4 or zero.stage=2"
+            )
         if m.name == "qlora" and self.precision == "fp16":
             raise ConfigError("method.name=qlora with precision=fp16 is unstable; use precision=bf16 or fp32")
         if m.name in ("lora", "qlora") and (m.lora.r < 1 or m.lora.alpha <= 0 or not 0 <= m.lora.dropout < 1):

@@ -56,15 +56,17 @@ def load_model(cfg: Config, ds_config: dict, precision: str, attn_implementation
     from transformers import AutoModelForCausalLM
 
     method = get_method(cfg.method.name)
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    kwargs = method.load_kwargs(cfg, precision)
+    quantized = "quantization_config" in kwargs
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3 and not quantized:
         from transformers.integrations import HfDeepSpeedConfig
 
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
-    kwargs = method.load_kwargs(cfg, precision)
-    if "quantization_config" in kwargs and not torch.cuda.is_available():
-        kwargs["device_map"] = {"": "cpu"}  # bitsandbytes quantizes while placing weights; CPU Linear4bit since 0.48
-    elif "quantization_config" in kwargs:
-        kwargs["device_map"] = {"": dist.local_rank()}
+    if quantized:
+        # bitsandbytes quantizes while placing weights (a device_map; CPU Linear4bit since 0.48), which zero.Init
+        # does not do: each rank loads the whole 4-bit base (1/4 of bf16) and, under ZeRO-3, deepspeed.initialize
+        # then partitions it (the codes are stored in the training dtype, see methods/lora.py).
+        kwargs["device_map"] = {"": dist.local_rank() if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path,
         dtype=weight_dtype(cfg, precision),

@@ -38,6 +38,9 @@ def load_kwargs(cfg: Config, precision: str = "fp32") -> dict:
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute,
+            # Pack the 4-bit codes into tensors of the training dtype: ZeRO-3 then partitions and all-gathers them
+            # like any other weight, and DeepSpeed's cast of the module to bf16 leaves them bit-for-bit intact.
+            bnb_4bit_quant_storage=compute,
         )
     }
 

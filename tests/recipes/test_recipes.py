@@ -1,7 +1,7 @@
 """Every recipe through the real ``deepspeed --num_gpus 2`` launcher on CPU: it trains (loss falls), and what it
 leaves in ``final/`` reloads with ``from_pretrained`` / ``PeftModel.from_pretrained`` with the eval loss the run
 reported at its end. The method x ZeRO-stage matrix is spread over the tests so each launch (~20 s, mostly imports)
-covers one cell: lora/2 (+ merge, + ZeRO checkpoint export), full/3, prefix/0, prompt/3, qlora/2 (full/2 runs
+covers one cell: lora/2 (+ merge, + ZeRO checkpoint export), full/3, prefix/0, prompt/3, qlora/2, qlora/3 (full/2 runs
 in test_sft_and_resume), full/3 with NVMe offload where libaio is installed. `slow`: full/3 with optimizer + parameter offload (DeepSpeedCPUAdam is JIT-compiled on
 first use, minutes) and full/2 with the fp32 export of its ZeRO checkpoint."""
 
@@ -40,6 +40,9 @@ CASES = [
         0.2,
         id="qlora4bit-zero2",
     ),
+    pytest.param(
+        "lora", "qlora", 3, ["method.name=qlora", "train.lr=1e-2"], 0.2, id="qlora4bit-zero3"
+    ),  # the 4-bit base partitioned by ZeRO-3
     pytest.param(
         "full",
         "full",

@@ -60,6 +60,16 @@ def test_v100_gets_fp16_with_dynamic_loss_scaling(tmp_path, capsys):
     assert cfg["fp16"]["enabled"] is True and cfg["fp16"]["loss_scale"] == 0 and cfg["bf16"]["enabled"] is False
 
 
+def test_qlora_zero3_only_with_4bit_as_the_engine_accepts(capsys):
+    base = LLAMA7B + ["--method", "qlora", "--gpus-per-node", "2", "--gpu-mem-gib", "24", "--seq-len", "1024"]
+    rc, text, _ = run(base + ["--quant-bits", "8"], capsys)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| zero")}
+    assert "4-bit QLoRA weights only" in rows["zero3"] and "cannot be offloaded" in rows["zero3_offload"]
+    rc, text, _ = run(base, capsys)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| zero")}
+    assert "4-bit QLoRA weights only" not in rows["zero3"]
+
+
 def test_offload_when_gpus_are_too_small_and_cpu_limit_is_respected(capsys):
     base = LLAMA13B + ["--method", "full", "--gpus-per-node", "2", "--gpu-mem-gib", "48", "--seq-len", "1024"]
     rc, text, _ = run(base, capsys)

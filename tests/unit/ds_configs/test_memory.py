@@ -230,3 +230,14 @@ def test_shape_from_hf_config_matches_the_real_model(fixture, request):
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert trainable_params(shape, MethodSpec("lora", lora_r=4)) == trainable
+
+
+def test_qlora_zero3_gpu_peak_is_at_least_the_whole_quantised_base():
+    """No zero.Init under bitsandbytes: every rank holds the whole 4-bit base (rest upcast to fp32) before
+    deepspeed.initialize partitions it, however many GPUs share it afterwards."""
+    from ds_configs.memory import QUANT_BYTES
+
+    quant = LLAMA7B.quantizable_params
+    floor = quant * QUANT_BYTES[4] + (LLAMA7B.total_params - quant) * 4
+    est = estimate(LLAMA7B, MethodSpec("qlora"), zero_stage=3, seq_len=1024, micro_batch=1, gpus_per_node=8)
+    assert est.parts_gpu["model_states"] >= int(floor)

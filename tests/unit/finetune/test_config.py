@@ -61,7 +61,7 @@ def test_load_errors_name_the_key(override, message):
         (["train.micro_batch_size=3", "train.grad_accum=2", "train.global_batch=8"], "train.global_batch"),
         (["precision=fp16", "model.dtype=bfloat16"], "model.dtype"),
         (["method.name=qlora", "zero.stage=3", "zero.offload_params=cpu"], "zero.offload_params"),
-        (["method.name=qlora", "zero.stage=3"], "zero.stage"),
+        (["method.name=qlora", "method.qlora.bits=8", "zero.stage=3"], "method.qlora.bits"),
         (["zero.offload_params=cpu", "zero.stage=2"], "zero.offload_params"),
         (["zero.offload_optimizer=nvme", "zero.stage=2"], "zero.nvme_path"),
         (["method.name=prefix", "data.packing=packed"], "data.packing"),
