@@ -7,7 +7,8 @@ torch serializes concurrent builds with an empty ``lock`` file in the op's build
 behind, and every later run then waits for it forever, silently. Neither torch nor DeepSpeed detects this, so we do:
 each rank builds the ops it needs here, one rank at a time under an ``flock`` (released by the kernel when its
 holder dies, unlike the lock file). While we hold the flock no other dsft process is building, so a torch lock file
-found then is left over from a dead build and is removed. The built module lands in DeepSpeed's op cache and
+found then is left over from a dead build and is removed (the one case this gets wrong: a build started outside
+dsft, e.g. a plain DeepSpeed script, compiling the same op into the same directory at that moment). The built module lands in DeepSpeed's op cache and
 ``deepspeed.initialize`` reuses it.
 """
 
@@ -52,15 +53,23 @@ def build(builder_names: list[str]) -> None:
     flock = _flock_path()
     root = flock.parent.parent
     with open(flock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            clear_stale_locks(root)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without locks (some NFS mounts): build as DeepSpeed would, unguarded
+            log.warning("cannot lock %s (%s): building DeepSpeed ops without the stale-lock check", flock, e)
+            locked = False
+        else:
+            locked = True
+        try:
+            if locked:
+                clear_stale_locks(root)
             for b in builders:
                 if not (root / b.name / f"{b.name}.so").exists():
                     log.warning("compiling DeepSpeed's %s op (first use; about a minute, cached in %s)", b.name, root)
                 b.load()
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def unlink_shm_allreduce_buffer() -> None:
