@@ -2,8 +2,9 @@
 leaves in ``final/`` reloads with ``from_pretrained`` / ``PeftModel.from_pretrained`` with the eval loss the run
 reported at its end. The method x ZeRO-stage matrix is spread over the tests so each launch (~20 s, mostly imports)
 covers one cell: lora/2 (+ merge, + ZeRO checkpoint export), full/3, prefix/0, prompt/3, qlora/2, qlora/3 (full/2 runs
-in test_sft_and_resume). `slow`: full/3 with NVMe offload where libaio is installed, full/3 with optimizer + parameter offload (DeepSpeedCPUAdam is JIT-compiled on
-first use, minutes) and full/2 with the fp32 export of its ZeRO checkpoint."""
+in test_sft_and_resume). `slow`: full/3 with NVMe offload where libaio is installed, full/3 with optimizer + parameter
+offload (DeepSpeedCPUAdam is JIT-compiled on first use, minutes) and full/2 with the fp32 export of its ZeRO
+checkpoint."""
 
 from __future__ import annotations
 
