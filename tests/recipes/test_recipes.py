@@ -2,7 +2,7 @@
 leaves in ``final/`` reloads with ``from_pretrained`` / ``PeftModel.from_pretrained`` with the eval loss the run
 reported at its end. The method x ZeRO-stage matrix is spread over the tests so each launch (~20 s, mostly imports)
 covers one cell: lora/2 (+ merge, + ZeRO checkpoint export), full/3, prefix/0, prompt/3, qlora/2, qlora/3 (full/2 runs
-in test_sft_and_resume). `slow`: full/3 with NVMe offload where libaio is installed, full/3 with optimizer + parameter
+in test_sft_and_resume), full/3 with NVMe offload where libaio is installed. `slow`: full/3 with optimizer + parameter
 offload (DeepSpeedCPUAdam is JIT-compiled on first use, minutes) and full/2 with the fp32 export of its ZeRO
 checkpoint."""
 
@@ -59,8 +59,9 @@ CASES = [
         3,
         ["train.lr=3e-3", "zero.offload_optimizer=nvme", "zero.offload_params=nvme", "zero.nvme_path={tmp}/nvme"],
         1.0,
-        id="full-zero3-nvme",  # ZeRO-Infinity; skipped where DeepSpeed's async_io op cannot build (no libaio-dev)
-        marks=pytest.mark.slow,  # ~22 s alone, but 225 s once in a full run: O_DIRECT I/O waits on a busy disk
+        # ZeRO-Infinity; skipped where DeepSpeed's async_io op cannot build (no libaio-dev). ~22 s, plus a one-off
+        # ~3 min compile of async_io in a new virtualenv (torch rebuilds JIT ops when the venv path changes).
+        id="full-zero3-nvme",
     ),
 ]
 
