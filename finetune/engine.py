@@ -183,11 +183,16 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
     if dist.is_main():
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
+    nvme = "nvme" in (cfg.zero.offload_optimizer, cfg.zero.offload_params)
+    needed = (["CPUAdamBuilder"] if offloading else []) + (["AsyncIOBuilder"] if nvme else [])
+    if missing := ops.unavailable(needed):
+        hint = "install libaio (apt-get install libaio-dev)" if nvme else "check that a C++ compiler and ninja work"
+        raise ConfigError(
+            f"zero.offload_optimizer={cfg.zero.offload_optimizer} zero.offload_params={cfg.zero.offload_params} "
+            f"need DeepSpeed's {', '.join(missing)} op, which cannot be built here: {hint}, or offload less"
+        )
+    ops.build(needed)  # before the model: a missing op or a slow first compile shows up before a big load
     model = load_model(cfg, ds_config, precision, hf_attn)
-    ops.build(
-        (["CPUAdamBuilder"] if offloading else [])
-        + (["AsyncIOBuilder"] if "nvme" in (cfg.zero.offload_optimizer, cfg.zero.offload_params) else [])
-    )
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
     def schedule(opt):

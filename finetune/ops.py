@@ -42,12 +42,24 @@ def clear_stale_locks(root: Path) -> list[Path]:
     return removed
 
 
+def unavailable(builder_names: list[str]) -> list[str]:
+    """The named DeepSpeed op builders that cannot build on this machine (e.g. AsyncIOBuilder without libaio)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return [name for name in builder_names if not _usable(get_accelerator().create_op_builder(name))]
+
+
+def _usable(builder) -> bool:
+    # The CPU accelerator answers an op it lacks with a NotImplementedBuilder that claims to be compatible.
+    return builder is not None and builder.NAME != "deepspeed_not_implemented" and builder.is_compatible(verbose=False)
+
+
 def build(builder_names: list[str]) -> None:
     """JIT-load each named DeepSpeed op builder (e.g. "CPUAdamBuilder") that is compatible here, one rank at a time."""
     from deepspeed.accelerator import get_accelerator
 
     builders = [get_accelerator().create_op_builder(name) for name in builder_names]
-    builders = [b for b in builders if b is not None and b.is_compatible(verbose=False)]
+    builders = [b for b in builders if _usable(b)]
     if not builders:
         return
     flock = _flock_path()

@@ -50,3 +50,10 @@ def test_unlink_shm_buffer_removes_only_this_ranks_name(monkeypatch):
     finally:
         for n in names:
             Path("/dev/shm", n).unlink(missing_ok=True)
+
+
+def test_unavailable_names_ops_this_machine_cannot_build():
+    from finetune import ops
+
+    # cpu_adam builds wherever a C++ compiler does; an op the accelerator lacks must be reported, not "compatible"
+    assert ops.unavailable(["CPUAdamBuilder", "NoSuchBuilder"]) == ["NoSuchBuilder"]
