@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
+    # Not part of the timed loop: without it gloo can abort the process at exit ("terminate called without an
+    # active exception", pytorch/pytorch#190489), which the launcher reports as a failed run.
+    torch.distributed.destroy_process_group()
     return 0
 
 

@@ -137,6 +137,7 @@ def broadcast_object(obj):
 
 
 def destroy() -> None:
-    """Tear the process group down at the end of a run (avoids NCCL/gloo shutdown warnings)."""
+    """Tear the process group down at the end of a run: NCCL warns without it, and gloo can abort the process at exit
+    ("terminate called without an active exception", pytorch/pytorch#190489), failing a run that finished."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

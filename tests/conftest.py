@@ -56,3 +56,14 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir):
     from finetune.tiny import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny_gpt2"), tiny_tokenizer_dir, arch="gpt2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _destroy_process_group_at_exit():
+    """Some fixtures build in-process DeepSpeed engines (a gloo world of one); tear the group down before pytest
+    exits, since gloo can abort a process that exits with a live group (pytorch/pytorch#190489)."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -98,6 +98,8 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out_json, "w") as fh:
             json.dump(results, fh, indent=2)
+    # Without it gloo can abort a rank at exit ("terminate called without an active exception", seen once in CI).
+    distributed.destroy()
 
 
 if __name__ == "__main__":

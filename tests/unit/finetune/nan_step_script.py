@@ -50,6 +50,7 @@ def main(model_dir: str, out_json: str) -> None:
             engine.destroy()
     with open(out_json, "w") as fh:
         json.dump(results, fh, indent=2)
+    distributed.destroy()  # gloo can abort at exit without it
 
 
 if __name__ == "__main__":
