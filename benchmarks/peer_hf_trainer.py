@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():  # housekeeping only, not timed: do not leave 66 MB per rank in /dev/shm
         from finetune import ops
 
-        torch.distributed.barrier()
         ops.unlink_shm_allreduce_buffer()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     # TrainingArguments first: with deepspeed= it registers the ZeRO config that from_pretrained consults.

@@ -487,6 +487,12 @@ class Estimate:
         return int(self.gpu * (1 + self.margin_fraction) + self.margin_fixed)
 
 
+def _qlora_base_bytes(shape: ModelShape, bits: int, rest_bytes: int) -> float:
+    """Bytes of a QLoRA base: quantised decoder linears plus the rest (embeddings, lm_head, norms) at ``rest_bytes``."""
+    quant = shape.quantizable_params
+    return quant * QUANT_BYTES[bits] + (shape.total_params - quant) * rest_bytes
+
+
 def estimate(
     shape: ModelShape,
     method: MethodSpec,
@@ -511,9 +517,8 @@ def estimate(
         frozen, fb = 0, 2.0
     elif method.name == "qlora":
         # Quantised: the decoder linears; embeddings, lm_head and norms stay 16-bit.
-        quant = shape.quantizable_params
         frozen = shape.total_params
-        fb = (quant * QUANT_BYTES[method.quant_bits] + (shape.total_params - quant) * 2) / shape.total_params
+        fb = _qlora_base_bytes(shape, method.quant_bits, rest_bytes=2) / shape.total_params
     else:
         frozen, fb = shape.total_params, 2.0
     if precision == "fp32" and method.name != "qlora":
@@ -534,8 +539,7 @@ def estimate(
     if method.name == "qlora" and zero_stage == 3:
         # bitsandbytes does not load under zero.Init: each rank places the whole quantised base on its GPU (and
         # prepare_model_for_kbit_training upcasts the rest to fp32) before deepspeed.initialize partitions it.
-        quant = shape.quantizable_params
-        load_peak = quant * QUANT_BYTES[method.quant_bits] + (shape.total_params - quant) * 4
+        load_peak = _qlora_base_bytes(shape, method.quant_bits, rest_bytes=4)
         states = ModelStates(gpu=max(states.gpu, int(load_peak)), cpu=states.cpu, nvme=states.nvme)
     seq = seq_len + (method.virtual_tokens if method.name == "prompt_tuning" else 0)
     acts = activation_bytes(

@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from finetune import ops
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -75,15 +77,11 @@ def init(timeout_s: int = 1800) -> None:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))  # torchrun / deepspeed
         per_rank = max(1, (os.cpu_count() or 1) // local_ranks)
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", per_rank)))
-    from finetune import ops
-
-    if not torch.cuda.is_available():
         ops.build(["ShareMemCommBuilder"])  # the CPU all-reduce op init_distributed would compile unguarded
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False)
     if not torch.cuda.is_available():
-        dist.barrier()  # every rank has mapped every rank's shared-memory buffer ...
-        ops.unlink_shm_allreduce_buffer()  # ... so its /dev/shm name can go now, before a crash could leak it
+        ops.unlink_shm_allreduce_buffer()  # every rank has mapped every buffer: the /dev/shm name can go before a crash
 
 
 def rank() -> int:

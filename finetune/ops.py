@@ -8,8 +8,8 @@ behind, and every later run then waits for it forever, silently. Neither torch n
 each rank builds the ops it needs here, one rank at a time under an ``flock`` (released by the kernel when its
 holder dies, unlike the lock file). While we hold the flock no other dsft process is building, so a torch lock file
 found then is left over from a dead build and is removed (the one case this gets wrong: a build started outside
-dsft, e.g. a plain DeepSpeed script, compiling the same op into the same directory at that moment). The built module lands in DeepSpeed's op cache and
-``deepspeed.initialize`` reuses it.
+dsft, e.g. a plain DeepSpeed script, compiling the same op into the same directory at that moment). The built module
+lands in DeepSpeed's op cache and ``deepspeed.initialize`` reuses it.
 """
 
 from __future__ import annotations
@@ -64,34 +64,31 @@ def build(builder_names: list[str]) -> None:
         return
     flock = _flock_path()
     root = flock.parent.parent
-    with open(flock, "w") as fh:
+    with open(flock, "w") as fh:  # closing the file releases the flock
         try:
             fcntl.flock(fh, fcntl.LOCK_EX)
         except OSError as e:  # a filesystem without locks (some NFS mounts): build as DeepSpeed would, unguarded
             log.warning("cannot lock %s (%s): building DeepSpeed ops without the stale-lock check", flock, e)
-            locked = False
         else:
-            locked = True
-        try:
-            if locked:
-                clear_stale_locks(root)
-            for b in builders:
-                if not (root / b.name / f"{b.name}.so").exists():
-                    log.warning("compiling DeepSpeed's %s op (first use; about a minute, cached in %s)", b.name, root)
-                b.load()
-        finally:
-            if locked:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+            clear_stale_locks(root)
+        for b in builders:
+            if not (root / b.name / f"{b.name}.so").exists():
+                log.warning("compiling DeepSpeed's %s op (first use; about a minute, cached in %s)", b.name, root)
+            b.load()
 
 
 def unlink_shm_allreduce_buffer() -> None:
-    """Remove this rank's name for DeepSpeed's CPU all-reduce shared-memory buffer; call after a barrier following init.
+    """Wait for every rank, then remove this rank's name for DeepSpeed's CPU all-reduce shared-memory buffer.
 
     Every CPU launch creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (~66 MB) and never
     unlinks it, so a machine that runs many jobs fills its RAM-backed /dev/shm (we saw 18 GB). Once every rank has
     mapped every buffer (init does this before returning, the barrier makes sure all ranks got there), the names are
     no longer needed: the mappings stay valid until the processes exit, and then the kernel frees the memory.
     """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
         os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "0")
     )

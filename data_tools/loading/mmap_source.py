@@ -109,6 +109,11 @@ def entry(i: int) -> tuple[int, bool]:
     return (i, False) if i >= 0 else (~i, True)
 
 
+def _index(entries: np.ndarray) -> np.ndarray:
+    """Plan entries -> sample indices (repeats decoded)."""
+    return np.where(entries < 0, ~entries, entries)
+
+
 def make_plan(source: MmapSource, *, epoch: int, cfg) -> tuple[list, PackingStats]:
     """The list of this rank's batches for ``epoch`` (same length on every rank) and the packing stats of this rank.
 
@@ -179,11 +184,6 @@ def make_plan(source: MmapSource, *, epoch: int, cfg) -> tuple[list, PackingStat
         truncated_tokens=int((source.sizes[order][trunc] - t).sum()),
     )
     return batches, stats
-
-
-def _index(entries: np.ndarray) -> np.ndarray:
-    """Plan entries -> sample indices (repeats decoded)."""
-    return np.where(entries < 0, ~entries, entries)
 
 
 def text_chunks(source: MmapSource, cfg) -> bool:

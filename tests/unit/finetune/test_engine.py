@@ -75,7 +75,7 @@ def test_mfu_is_none_without_a_known_gpu():
 
 def test_raw_jsonl_is_converted_once_and_redone_when_unfinished(tmp_path, tiny_tokenizer):
     from data_tools.meta import meta_path
-    from finetune.engine import resolve_data
+    from finetune.data import resolve_data
 
     raw = tmp_path / "chat.jsonl"
     rows = [
