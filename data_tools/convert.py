@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from data_tools import indexed
-from data_tools.formats import FORMATS, SFT_FORMATS, BadRecord, Encoded, FormatError, SampleEncoder, detect_format
-from data_tools.formats import encode_raw_batch as _encode_raw_batch
+from data_tools.encoding import Encoded, SampleEncoder
+from data_tools.encoding import encode_raw_batch as _encode_raw_batch
+from data_tools.formats import FORMATS, SFT_FORMATS, BadRecord, FormatError, detect_format
 from data_tools.formats import parse_json_line as _parse_json_line
 from data_tools.meta import META_VERSION, meta_path, read_meta, tokenizer_fingerprint, vocab_hash, write_meta
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from data_tools import formats
-from data_tools.formats import Encoded, Rejected, SampleEncoder
+from data_tools.encoding import DEFAULT_CHAT_TEMPLATE, Encoded, Rejected, SampleEncoder
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -22,7 +22,7 @@ CONVERSATION = [
 def no_generation_tokenizer(tiny_tokenizer_dir):
     """The tiny tokenizer with the same ChatML template minus {% generation %} tags: exercises the prefix method."""
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    tok.chat_template = formats.DEFAULT_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     return tok
 
 
@@ -226,7 +226,7 @@ def test_text_falls_back_to_tokenizer_call_when_rust_ids_differ(tiny_tokenizer_d
 def test_template_exceptions_become_rejected_records(tiny_tokenizer_dir, with_generation_tags):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('must start with user') }}{% endif %}"
-    base = formats.DEFAULT_CHAT_TEMPLATE
+    base = DEFAULT_CHAT_TEMPLATE
     if not with_generation_tags:
         base = base.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     tok.chat_template = strict + base
