@@ -33,7 +33,7 @@ from data_tools.formats import (
 
 MASK_METHODS = ("auto", "generation", "prefix")
 
-# Used when the tokenizer has no chat template. ChatML (Qwen, many others); the same text as finetune.tiny's template.
+# Used when the tokenizer has no chat template. ChatML (Qwen, many others); finetune.tiny gives its tokenizers this one.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"

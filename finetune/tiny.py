@@ -9,17 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-# ChatML, the template Qwen and many others use. `{% generation %}` marks assistant text so
-# `apply_chat_template(..., return_assistant_tokens_mask=True)` works too.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
-    "{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from data_tools.encoding import DEFAULT_CHAT_TEMPLATE
+
+# ChatML, the template Qwen and many others use, with `{% generation %}` around assistant text so
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` works too: the converter's default template.
+CHATML_TEMPLATE = DEFAULT_CHAT_TEMPLATE
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 _DEFAULT_CORPUS = [
