@@ -40,6 +40,7 @@ from data_tools.encoding import encode_raw_batch as _encode_raw_batch
 from data_tools.formats import FORMATS, SFT_FORMATS, BadRecord, FormatError, detect_format
 from data_tools.formats import parse_json_line as _parse_json_line
 from data_tools.meta import META_VERSION, meta_path, read_meta, tokenizer_fingerprint, vocab_hash, write_meta
+from data_tools.templates import resolve_chat_template, template_meta
 
 LOSS_MASK_SUFFIX = "_loss_mask"
 CHUNK_RECORDS = 1024  # records per work unit: large enough to amortise IPC and batch encoding, small for latency
@@ -300,6 +301,7 @@ def convert(
     shard_size: int = 10_000,
     progress: bool = True,
     mask_method: str = "auto",
+    chat_template: str | os.PathLike | None = None,
 ) -> ConversionResult:
     """Convert jsonl/json files into ``output_prefix`` (Megatron MMIDIDX) and/or WebDataset shards.
 
@@ -318,7 +320,9 @@ def convert(
         webdataset_dir: also (or only) write WebDataset shards + ``index.json`` here.
         shard_size: samples per WebDataset shard.
         progress: show a tqdm bar with docs/s and tokens/s.
-        mask_method: ``auto``, ``generation`` or ``prefix`` (see :mod:`data_tools.formats`).
+        mask_method: ``auto``, ``generation`` or ``prefix`` (see :mod:`data_tools.encoding`).
+        chat_template: a Jinja file to render SFT records with instead of the tokenizer's template (see
+            :mod:`data_tools.templates`).
 
     Returns:
         A :class:`ConversionResult` with the meta and throughput.
@@ -354,11 +358,14 @@ def convert(
         max_length=max_length,
         over_length=over_length,
         mask_method=mask_method,
+        chat_template=None if chat_template is None else str(chat_template),
     )
     try:
         probe = SampleEncoder(tok, **encoder_kwargs)  # validates the options once, before any process starts
     except FormatError as exc:
         raise ConversionError(str(exc)) from exc
+    if probe.template is not None and probe.template.warning:
+        print(f"warning: {probe.template.warning}", file=sys.stderr, flush=True)
 
     tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_prefix = f"{output_prefix}.{tag}" if output_prefix is not None else None
@@ -381,6 +388,8 @@ def convert(
 
         counts = Counter()
         skipped = Counter()
+        turn_ends: Counter = Counter()
+        ignored: Counter = Counter()
         examples: list[str] = []
         bar = _progress_bar(progress)
         start = time.perf_counter()  # throughput counts the streaming pass, not the tokenizer load
@@ -409,6 +418,9 @@ def convert(
                 if has_mask:
                     counts["masked_tokens"] += int(result.mask.sum(dtype=np.int64))
                 counts["truncated"] += result.truncated
+                counts["truncated_tokens"] += result.lost
+                turn_ends.update(result.turn_ends)
+                ignored.update(result.ignored)
             if bar is not None:
                 bar.update(len(where))
                 elapsed = max(time.perf_counter() - start, 1e-9)
@@ -422,6 +434,9 @@ def convert(
             )
 
         seconds = time.perf_counter() - start
+        if ignored:
+            shown = ", ".join(f"{k} ({n} records)" for k, n in sorted(ignored.items()))
+            print(f"note: fields the {fmt} format does not read were ignored: {shown}", file=sys.stderr, flush=True)
         meta = {
             "dsft_meta_version": META_VERSION,
             "format": fmt,
@@ -432,8 +447,12 @@ def convert(
             "text_key": text_key if fmt == "text" else None,
             "append_eod": bool(append_eod and fmt == "text"),
             "eod_token_id": probe.eod,
-            "chat_template": None if not has_mask else ("default" if probe.default_template else "tokenizer"),
+            "chat_template": template_meta(probe.template) if probe.template is not None else None,
             "mask_method": probe.mask_method,
+            "turn_end_tokens": [
+                {"id": i, "token": tok.convert_ids_to_tokens(i), "count": n} for i, n in turn_ends.most_common()
+            ],
+            "ignored_fields": dict(sorted(ignored.items())),
             "max_length": max_length,
             "over_length": over_length,
             "on_error": on_error,
@@ -442,6 +461,7 @@ def convert(
                 "tokens": counts["tokens"],
                 "masked_tokens": counts["masked_tokens"] if has_mask else None,
                 "truncated": counts["truncated"],
+                "truncated_tokens": counts["truncated_tokens"],
                 "skipped": sum(skipped.values()),
                 "blank_lines": sum(s.blank_lines for s in sources),
             },
@@ -525,10 +545,12 @@ def is_conversion_current(
         inputs: the raw files, in order.
         tokenizer: the tokenizer (object or path / id).
         **options: the :func:`convert` keyword options to compare (``fmt``, ``text_key``, ``append_eod``,
-            ``max_length``, ``over_length``, ``on_error``); ``fmt="auto"`` matches any detected format.
+            ``max_length``, ``over_length``, ``on_error``, ``chat_template``); ``fmt="auto"`` matches any detected
+            format. For SFT data the template that would be used now (``chat_template``, else the tokenizer's, else
+            the default) must be the one recorded: a tokenizer whose template changed re-converts.
     """
     keys = {"fmt": "format", "text_key": "text_key", "append_eod": "append_eod", "max_length": "max_length"}
-    keys.update(over_length="over_length", on_error="on_error")
+    keys.update(over_length="over_length", on_error="on_error", chat_template="chat_template")
     unknown = sorted(set(options) - set(keys))
     if unknown:
         raise TypeError(f"is_conversion_current: unknown option(s) {unknown}; expected some of {sorted(keys)}")
@@ -541,10 +563,21 @@ def is_conversion_current(
     recorded = [s.get("sha256") for s in meta.get("sources", [])]
     if recorded != [file_sha256(p) for p in paths]:
         return False
-    if meta.get("tokenizer", {}).get("vocab_hash") != vocab_hash(_load_tokenizer(tokenizer)):
+    tok = _load_tokenizer(tokenizer)
+    if meta.get("tokenizer", {}).get("vocab_hash") != vocab_hash(tok):
         return False
+    if meta.get("has_loss_mask"):
+        recorded_template = meta.get("chat_template")
+        if not isinstance(recorded_template, dict):  # converted before templates were recorded
+            return False
+        try:
+            now = resolve_chat_template(tok, options.get("chat_template"))
+        except FormatError:
+            return False
+        if recorded_template.get("sha256") != now.sha256:
+            return False
     for option, value in options.items():
-        if option == "fmt" and value == "auto":
+        if option == "chat_template" or (option == "fmt" and value == "auto"):
             continue
         if option == "text_key" and meta.get("format") != "text":
             continue
@@ -573,6 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, metavar="PATH_OR_ID", help="AutoTokenizer.from_pretrained argument")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="record format (auto: from the keys)")
     p.add_argument("--text-key", default="text", help="key of the text for --format text (default: text)")
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="Jinja chat template for SFT formats, instead of the tokenizer's (or the default for tokenizers without one)",
+    )
     p.add_argument("--append-eod", action="store_true", help="append <|endoftext|> (else eos) to each text document")
     p.add_argument("--max-length", type=int, default=None, metavar="N", help="longest sample in tokens")
     p.add_argument(
@@ -618,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             webdataset_dir=args.webdataset,
             shard_size=args.shard_size,
             progress=not args.no_progress,
+            chat_template=args.chat_template,
         )
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -629,7 +668,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{c['documents']} documents, {c['tokens']} tokens"
         + (f", {c['masked_tokens']} trained (loss mask 1)" if c["masked_tokens"] is not None else "")
-        + f", {c['truncated']} truncated, {c['skipped']} skipped"
+        + (
+            f", {c['truncated']} truncated ({c['truncated'] / max(c['documents'], 1):.1%}, "
+            f"{c['truncated_tokens']} tokens lost)"
+            if c["truncated"]
+            else ", 0 truncated"
+        )
+        + f", {c['skipped']} skipped"
         + (f" {result.meta['skipped']['by_reason']}" if c["skipped"] else "")
         + f" in {result.seconds:.1f}s ({s['docs_per_s']:,.0f} docs/s, {s['tokens_per_s']:,.0f} tokens/s, "
         f"{s['mb_per_s']:.1f} MB/s) -> {', '.join(outputs)}"

@@ -1,17 +1,23 @@
 """How parsed records become token ids (+ a loss mask for SFT formats); the formats themselves: ``data_tools.formats``.
 
-SFT formats are rendered through the tokenizer's chat template, or :data:`DEFAULT_CHAT_TEMPLATE` (ChatML) when the
-tokenizer has none. The loss mask is 1 exactly on the tokens the template emits for assistant turns (their end-of-turn
-token included) and 0 on system/user/tool tokens; every assistant turn of a multi-turn conversation counts. Two ways:
+SFT records are rendered with the chat template :func:`data_tools.templates.resolve_chat_template` picks (a
+``--chat-template`` file, the tokenizer's own, or the default for base models), with the record's ``tools``. The
+loss mask is 1 exactly on what the template emits for each trained assistant turn (its end-of-turn token included)
+and 0 on system/user/tool tokens, on the header that opens an assistant turn, and on assistant turns whose
+``loss_weight`` is 0. Both methods find character spans in the rendered text; one batched tokenizer call with offsets
+maps them to tokens:
 
-* ``generation``: the template marks assistant text with ``{% generation %}`` tags, so
-  ``apply_chat_template(..., return_assistant_tokens_mask=True)`` gives the mask directly (the tiny test tokenizer and
-  the default template do).
-* ``prefix``: for templates without tags. For each assistant turn ``i``, the text rendered for ``messages[:i]`` with
-  the generation prompt and the text rendered for ``messages[:i+1]`` bound the assistant's characters (trailing
-  whitespace the template adds after the end-of-turn token is left out); tokens overlapping those characters get 1.
-  This needs a template whose rendering of a conversation prefix is a prefix of the full rendering; templates that
-  rewrite earlier turns (e.g. strip reasoning from past turns) are rejected with a clear message.
+* ``generation``: the template marks assistant output with ``{% generation %}`` tags; the spans are the tags'.
+* ``prefix``: templates without tags. For assistant turn ``i`` the output starts where the rendering of
+  ``messages[:i]`` with the generation prompt ends, and ends where the rendering of ``messages[:i+1]`` ends (layout
+  whitespace after the end-of-turn token left out). Templates that rewrite earlier turns once later ones follow
+  (Qwen3 strips the reasoning of assistant turns before the last user query) render ``messages[:i+1]`` differently
+  from the same turn inside the whole conversation; the turn then ends at the template's end-of-turn marker
+  (learned from a probe conversation) after its start, so the mask is what the same template with generation tags
+  gives: the turn as rendered in the full conversation.
+
+A record is refused (never silently trimmed) when the template would drop part of it: tools, tool calls or reasoning
+the template never reads, or a non-assistant message that does not appear in the rendering.
 """
 
 from __future__ import annotations
@@ -23,31 +29,35 @@ import numpy as np
 
 from data_tools.formats import (
     FORMATS,
+    REASONING_KEYS,
     SFT_FORMATS,
     BadRecord,
+    Conversation,
     FormatError,
     parse_json_line,
-    record_to_messages,
+    record_to_conversation,
     record_to_text,
+    unread_fields,
 )
+from data_tools.templates import ChatTemplate, resolve_chat_template
 
 MASK_METHODS = ("auto", "generation", "prefix")
-
-# Used when the tokenizer has no chat template. ChatML (Qwen, many others); finetune.tiny gives its tokenizers this one.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
-    "{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 # Document separators preferred over eos for --append-eod: for chat tokenizers eos is often the end-of-turn token.
 EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>")
+
+# Probe conversations for a template's end-of-turn marker (what follows an assistant's content).
+_PROBE_REPLY = "dsft probe reply"
+_PROBES = (
+    [{"role": "user", "content": "dsft probe question"}, {"role": "assistant", "content": _PROBE_REPLY}],
+    [
+        {"role": "system", "content": "dsft probe system"},
+        {"role": "user", "content": "dsft probe question"},
+        {"role": "assistant", "content": _PROBE_REPLY},
+    ],
+)
 
 
 class Rejected(NamedTuple):
@@ -58,26 +68,29 @@ class Rejected(NamedTuple):
 
 
 class Encoded(NamedTuple):
-    """Token ids of one record, its loss mask (uint8, same length; None for ``text``) and whether it was truncated."""
+    """One converted record.
+
+    Attributes:
+        ids: token ids.
+        mask: uint8 loss mask of the same length (None for ``text``).
+        truncated: the sample was cut to ``max_length``.
+        lost: tokens cut off by truncation.
+        turn_ends: ids of the last token of every trained assistant turn kept whole (what the model learns to end
+            a turn with, so what generation must stop on).
+        ignored: the record's fields the format does not read.
+    """
 
     ids: np.ndarray
     mask: np.ndarray | None
     truncated: bool
+    lost: int = 0
+    turn_ends: tuple[int, ...] = ()
+    ignored: tuple[str, ...] = ()
 
 
 def has_generation_tags(template: str) -> bool:
     """True when a chat template marks assistant text with ``{% generation %}``."""
     return bool(_GENERATION_TAG.search(template))
-
-
-def chat_template_of(tokenizer) -> tuple[str, bool]:
-    """The tokenizer's chat template (a single string), and False; or :data:`DEFAULT_CHAT_TEMPLATE` and True."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates; "default" is what apply_chat_template uses
-        template = template.get("default")
-    if not template:
-        return DEFAULT_CHAT_TEMPLATE, True
-    return template, False
 
 
 def eod_token_id(tokenizer) -> int:
@@ -89,6 +102,15 @@ def eod_token_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise FormatError("--append-eod: the tokenizer has neither <|endoftext|> nor an eos token")
     return int(tokenizer.eos_token_id)
+
+
+def _template_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this template cannot render this record" (bad input), not a bug of dsft's."""
+    from jinja2 import TemplateError
+
+    # raise_exception("roles must alternate") and undefined fields are TemplateErrors; a template doing arithmetic
+    # or string operations on a value of the wrong type raises TypeError/ValueError from inside the sandbox.
+    return (TemplateError, TypeError, ValueError)
 
 
 class SampleEncoder:
@@ -105,6 +127,7 @@ class SampleEncoder:
             tokens) or ``drop`` (reject, the converter drops it without failing).
         mask_method: ``auto`` (``generation`` if the template has generation tags, else ``prefix``), ``generation``
             or ``prefix``.
+        chat_template: a Jinja file to render SFT records with instead of the tokenizer's template.
     """
 
     def __init__(
@@ -117,6 +140,7 @@ class SampleEncoder:
         max_length: int | None = None,
         over_length: str = "error",
         mask_method: str = "auto",
+        chat_template: str | None = None,
     ):
         if fmt not in FORMATS:
             raise FormatError(f"format {fmt!r}: expected one of {FORMATS}")
@@ -133,13 +157,36 @@ class SampleEncoder:
         self.eod = eod_token_id(tokenizer) if append_eod and fmt == "text" else None
         self.max_length = max_length
         self.over_length = over_length
-        self.template, self.default_template = chat_template_of(tokenizer)
-        if mask_method == "auto":
-            mask_method = "generation" if has_generation_tags(self.template) else "prefix"
-        if mask_method == "generation" and not has_generation_tags(self.template):
-            raise FormatError("mask_method 'generation' needs a chat template with {% generation %} tags")
-        self.mask_method = mask_method if fmt in SFT_FORMATS else None
         self._rust_text: bool | None = None  # decided on the first text batch
+        self.template: ChatTemplate | None = None
+        self.mask_method: str | None = None
+        if fmt in SFT_FORMATS:
+            self.template = resolve_chat_template(tokenizer, chat_template)
+            tagged = has_generation_tags(self.template.text)
+            if mask_method == "auto":
+                mask_method = "generation" if tagged else "prefix"
+            if mask_method == "generation" and not tagged:
+                raise FormatError("mask_method 'generation' needs a chat template with {% generation %} tags")
+            self.mask_method = mask_method
+            self._check_compiles()
+            text = self.template.text
+            # What the template reads: a record carrying a field it never reads would lose it silently.
+            self._reads = {
+                "tools": "tools" in text,
+                "tool_calls": "tool_calls" in text,
+                "reasoning": any(k in text for k in REASONING_KEYS),
+            }
+            self._end_marker: str | None | bool = False  # learned on first need (templates that rewrite turns)
+
+    def _check_compiles(self) -> None:
+        from jinja2 import TemplateError
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        try:
+            _compile_jinja_template(self.template.text)
+        except TemplateError as exc:
+            where = self.template.path or f"the {self.template.source} chat template"
+            raise FormatError(f"{where}: not a valid Jinja template ({exc})") from exc
 
     # -- text -------------------------------------------------------------------------------------------------------
     def _encode_texts(self, texts: list[str]) -> list[list[int]]:
@@ -156,96 +203,179 @@ class SampleEncoder:
             return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=True)]
         return self.tokenizer(texts)["input_ids"]
 
-    # -- SFT --------------------------------------------------------------------------------------------------------
-    def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, chat_template=self.template, add_generation_prompt=add_generation_prompt
-        )
+    # -- SFT: rendering ---------------------------------------------------------------------------------------------
+    def _render(
+        self, messages: list[dict], tools, add_generation_prompt: bool = False, spans: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The template's text for ``messages`` (and the ``{% generation %}`` spans when ``spans``)."""
+        from transformers.utils.chat_template_utils import render_jinja_template
 
-    def _generation_masks(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
-        out = self.tokenizer.apply_chat_template(
-            conversations,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            chat_template=self.template,
-        )
-        return list(zip(out["input_ids"], out["assistant_masks"], strict=True))
+        # apply_chat_template(tokenize=False) does exactly this; calling the renderer gives the spans without a
+        # second tokenization, with per-record tools.
+        try:
+            texts, indices = render_jinja_template(
+                conversations=[messages],
+                tools=tools,
+                chat_template=self.template.text,
+                return_assistant_tokens_mask=spans,
+                add_generation_prompt=add_generation_prompt,
+                **self.tokenizer.special_tokens_map,
+            )
+        except _template_errors() as exc:  # e.g. a template's raise_exception("roles must alternate")
+            raise BadRecord("template", f"the chat template failed: {type(exc).__name__}: {exc}") from exc
+        return texts[0], (indices[0] if spans else [])
 
-    def _assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        full = self._render(messages)
+    def _end_of_turn(self) -> str | None:
+        """What the template puts after an assistant's content (``<|im_end|>``, ``<|eot_id|>``), from a probe."""
+        if self._end_marker is False:
+            self._end_marker = None
+            for probe in _PROBES:
+                try:
+                    text, _ = self._render(probe, None)
+                except BadRecord:
+                    continue
+                k = text.rfind(_PROBE_REPLY)
+                if k >= 0 and text[k + len(_PROBE_REPLY) :].strip():
+                    self._end_marker = text[k + len(_PROBE_REPLY) :].strip()
+                    break
+        return self._end_marker  # type: ignore[return-value]
+
+    def _prefix_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        msgs = conv.messages
+        full, _ = self._render(msgs, conv.tools)
         spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+        for i, trained in enumerate(conv.trained):
+            if not trained:
                 continue
-            before = self._render(messages[:i], add_generation_prompt=True)
-            through = self._render(messages[: i + 1])
-            if not (through.startswith(before) and full.startswith(through)):
+            before, _ = self._render(msgs[:i], conv.tools, add_generation_prompt=True)
+            if not full.startswith(before):
                 raise BadRecord(
                     "template",
-                    f"the chat template does not render messages[:{i + 1}] as a prefix of the conversation, so the "
-                    "assistant tokens cannot be located; use a template with {% generation %} tags",
+                    f"the chat template renders the turns before messages[{i}] differently once later turns follow, "
+                    "so the assistant tokens cannot be located; use a template with {% generation %} tags around "
+                    "each assistant output (--chat-template)",
                 )
-            end = len(through)
+            start = len(before)
+            through, _ = self._render(msgs[: i + 1], conv.tools)
+            if through.startswith(before) and full.startswith(through):
+                end = len(through)
+            else:  # the template rewrites this turn once later turns follow (see the module docstring)
+                marker = self._end_of_turn()
+                found = full.find(marker, start) if marker else -1
+                if found < 0:
+                    raise BadRecord(
+                        "template",
+                        f"the chat template renders messages[{i}] differently once later turns follow and has no "
+                        "end-of-turn marker to find it by; use a template with {% generation %} tags (--chat-template)",
+                    )
+                end = found + len(marker)
             # The newline ChatML puts after <|im_end|> belongs to the layout, not to what the model must emit.
-            while end > len(before) and through[end - 1].isspace():
+            while end > start and full[end - 1].isspace():
                 end -= 1
-            spans.append((len(before), end))
+            spans.append((start, end))
         return full, spans
 
-    def _prefix_masks(self, conversations: list[list[dict]]) -> list[tuple[list[int], np.ndarray] | BadRecord]:
+    def _generation_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        full, blocks = self._render(conv.messages, conv.tools, spans=True)
+        if all(conv.trained[i] for i, m in enumerate(conv.messages) if m["role"] == "assistant"):
+            return full, [b for b in blocks if b[1] > b[0]]
+        turns = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant"]
+        if len(blocks) != len(turns):
+            raise BadRecord(
+                "template",
+                f"loss_weight needs one {{% generation %}} block per assistant turn; the template gave {len(blocks)} "
+                f"for {len(turns)} turns",
+            )
+        return full, [b for b, i in zip(blocks, turns, strict=True) if conv.trained[i] and b[1] > b[0]]
+
+    def _check_nothing_dropped(self, conv: Conversation, full: str) -> None:
+        carried = {
+            "tools": conv.tools is not None,
+            "tool_calls": any(m.get("tool_calls") for m in conv.messages),
+            "reasoning": any(k in m for m in conv.messages for k in REASONING_KEYS),
+        }
+        for field, present in carried.items():
+            if present and not self._reads[field]:
+                raise BadRecord(
+                    "dropped_by_template",
+                    f"the record has {field} but the chat template never reads them, so they would be dropped; "
+                    "pass a template that renders them with --chat-template",
+                )
+        for i, m in enumerate(conv.messages):
+            content = m["content"].strip()
+            if m["role"] != "assistant" and content and content not in full:
+                raise BadRecord(
+                    "dropped_by_template",
+                    f"messages[{i}] ({m['role']}) does not appear in the chat template's rendering (the template "
+                    "drops or rewrites it); pass a template that renders it with --chat-template",
+                )
+
+    def _spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        full, spans = (self._prefix_spans if self.mask_method == "prefix" else self._generation_spans)(conv)
+        self._check_nothing_dropped(conv, full)
+        return full, spans
+
+    def _encode_conversations(self, conversations: list[Conversation]) -> list:
+        """``(ids, mask, turn end positions)`` per conversation, or the ``BadRecord`` that explains it."""
         rendered: list[tuple[str, list] | BadRecord] = []
-        for messages in conversations:
+        for conv in conversations:
             try:
-                rendered.append(self._assistant_spans(messages))
+                rendered.append(self._spans(conv))
             except BadRecord as bad:
                 rendered.append(bad)
-            except Exception as exc:  # noqa: BLE001 - e.g. a template's raise_exception("roles must alternate")
-                rendered.append(BadRecord("template", f"the chat template failed: {type(exc).__name__}: {exc}"))
         texts = [r[0] for r in rendered if not isinstance(r, BadRecord)]
         # Same call apply_chat_template(tokenize=True) makes: the template already holds the special tokens.
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+        encodings = self._tokenize_rendered(texts)
         out: list = []
         k = 0
         for r in rendered:
             if isinstance(r, BadRecord):
                 out.append(r)
                 continue
-            ids, offsets = enc["input_ids"][k], np.asarray(enc["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)
+            enc = encodings[k]
             k += 1
+            if isinstance(enc, BadRecord):
+                out.append(enc)
+                continue
+            ids, offsets = enc
             mask = np.zeros(len(ids), dtype=np.uint8)
+            ends = []
             for start, end in r[1]:
-                mask[(offsets[:, 0] < end) & (offsets[:, 1] > start)] = 1
-            out.append((ids, mask))
+                hit = np.flatnonzero((offsets[:, 0] < end) & (offsets[:, 1] > start))
+                if len(hit):
+                    mask[hit] = 1
+                    ends.append(int(hit[-1]))
+            out.append((ids, mask, ends))
         return out
 
-    def _encode_conversations(self, conversations: list[list[dict]]) -> list:
-        if self.mask_method == "prefix":
-            return self._prefix_masks(conversations)
-        return self._generation_masks(conversations)
-
-    def _encode_payloads(self, payloads: list) -> list:
-        """Encode texts or conversations in one batch; if the batch fails, find the records to blame one by one."""
-        encode = self._encode_texts if self.fmt == "text" else self._encode_conversations
+    def _tokenize_rendered(self, texts: list[str]) -> list:
+        """``(ids, offsets)`` per text; a text the tokenizer refuses is a ``BadRecord`` when the input explains it."""
+        if not texts:
+            return []
         try:
-            return encode(payloads)
-        except Exception:  # noqa: BLE001 - one bad record must not hide which one it was: retried per record below
-            out = []
-            for payload in payloads:
-                try:
-                    out.append(encode([payload])[0])
-                except Exception as exc:  # noqa: BLE001 - reported for this record as a Rejected with the cause
-                    out.append(_unencodable(payload, exc))
-            return out
+            enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        except Exception:  # noqa: BLE001 - retried one by one below to blame the record; unexplained errors re-raise
+            return [self._tokenize_one(t) for t in texts]
+        return [
+            (ids, np.asarray(off, dtype=np.int64).reshape(-1, 2))
+            for ids, off in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        ]
+
+    def _tokenize_one(self, text: str):
+        try:
+            enc = self.tokenizer([text], add_special_tokens=False, return_offsets_mapping=True)
+        except Exception as exc:  # noqa: BLE001 - bad input becomes a BadRecord, anything else is re-raised
+            return _unencodable(text, exc)
+        return enc["input_ids"][0], np.asarray(enc["offset_mapping"][0], dtype=np.int64).reshape(-1, 2)
 
     # -- common -----------------------------------------------------------------------------------------------------
-    def _finish(self, ids, mask) -> Encoded | Rejected:
+    def _finish(self, ids, mask, ends=(), ignored: tuple[str, ...] = ()) -> Encoded | Rejected:
         ids = np.asarray(ids, dtype=self.dtype)
         if mask is not None:
             mask = np.asarray(mask, dtype=np.uint8)
         if len(ids) == 0:
             return Rejected("empty", "the sample encodes to no tokens")
-        truncated = False
+        truncated, lost = False, 0
         if self.max_length is not None and len(ids) > self.max_length:
             if self.over_length != "truncate":
                 return Rejected(
@@ -253,7 +383,9 @@ class SampleEncoder:
                     f"sample has {len(ids)} tokens, longer than --max-length {self.max_length}; "
                     "raise --max-length or pass --over-length truncate/drop",
                 )
+            lost = len(ids) - self.max_length
             ids, truncated = ids[: self.max_length], True
+            ends = [e for e in ends if e < self.max_length]  # a turn cut in the middle taught no end of turn
             if mask is not None:
                 mask = mask[: self.max_length]
                 if not mask.any():
@@ -261,45 +393,73 @@ class SampleEncoder:
                         "over_length",
                         f"truncation to --max-length {self.max_length} removes every assistant token",
                     )
-        return Encoded(ids, mask, truncated)
+        return Encoded(ids, mask, truncated, lost, tuple(int(ids[e]) for e in ends), ignored)
 
     def encode_batch(self, records: list[Any]) -> list[Encoded | Rejected]:
         """Encode parsed records, keeping their order; bad records come back as :class:`Rejected`."""
         results: list[Encoded | Rejected | None] = [None] * len(records)
-        todo, payloads = [], []
+        todo, payloads, ignored = [], [], []
         for n, record in enumerate(records):
             try:
                 if self.fmt == "text":
                     payloads.append(record_to_text(record, self.text_key))
+                    ignored.append(unread_fields(record, self.text_key))
                 else:
-                    payloads.append(record_to_messages(record, self.fmt))
+                    conv = record_to_conversation(record, self.fmt)
+                    payloads.append(conv)
+                    ignored.append(conv.ignored)
                 todo.append(n)
             except BadRecord as bad:
-                results[n] = Rejected(bad.reason, bad.message)
+                results[n] = Rejected(bad.reason, bad.message + _format_hint(record, self.fmt, self.text_key, bad))
         if not todo:
             return results  # type: ignore[return-value]
-        for n, item in zip(todo, self._encode_payloads(payloads), strict=True):
+        if self.fmt == "text":
+            encoded = self._encode_text_payloads(payloads)
+        else:
+            encoded = self._encode_conversations(payloads)
+        for n, item, unread in zip(todo, encoded, ignored, strict=True):
             if isinstance(item, BadRecord):
                 results[n] = Rejected(item.reason, item.message)
             elif self.fmt == "text":
-                results[n] = self._finish([*item, self.eod] if self.eod is not None else item, None)
+                results[n] = self._finish([*item, self.eod] if self.eod is not None else item, None, (), unread)
             else:
-                results[n] = self._finish(*item)
+                results[n] = self._finish(*item, unread)
         return results  # type: ignore[return-value]
 
-
-def _unencodable(payload: str | list[dict], exc: Exception) -> BadRecord:
-    """Why one text/conversation could not be tokenized, in words a user can act on."""
-    texts = [payload] if isinstance(payload, str) else [m["content"] for m in payload]
-    for text in texts:
+    def _encode_text_payloads(self, texts: list[str]) -> list:
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            # JSON allows "\ud800" escapes that decode to half a UTF-16 pair: not text, and tokenizers reject it.
-            return BadRecord("bad_encoding", f"contains a lone UTF-16 surrogate ({text[err.start]!r}), not valid text")
-    reason = "tokenizer" if isinstance(payload, str) else "template"
-    what = "the tokenizer" if isinstance(payload, str) else "the chat template / tokenizer"
-    return BadRecord(reason, f"{what} failed on this record: {type(exc).__name__}: {exc}")
+            return self._encode_texts(texts)
+        except Exception:  # noqa: BLE001 - one bad record must not hide which one it was: retried per record below
+            out = []
+            for text in texts:
+                try:
+                    out.append(self._encode_texts([text])[0])
+                except Exception as exc:  # noqa: BLE001 - bad input becomes a BadRecord, anything else re-raises
+                    out.append(_unencodable(text, exc))
+            return out
+
+
+def _format_hint(record: Any, fmt: str, text_key: str, bad: BadRecord) -> str:
+    """When a record misses the keys of ``fmt`` but fits another format, say so (``format: messages`` on alpaca)."""
+    if bad.reason != "missing_key" or not isinstance(record, dict):
+        return ""
+    from data_tools.formats import detect_format
+
+    try:
+        other = detect_format(record, text_key)
+    except FormatError:
+        return ""
+    return f"; the record looks like format {other}: pass --format {other} or auto" if other != fmt else ""
+
+
+def _unencodable(text: str, exc: Exception) -> BadRecord:
+    """The input's fault (a lone UTF-16 surrogate) as a ``BadRecord``; any other tokenizer error is re-raised."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        # JSON allows "\ud800" escapes that decode to half a UTF-16 pair: not text, and tokenizers reject it.
+        return BadRecord("bad_encoding", f"contains a lone UTF-16 surrogate ({text[err.start]!r}), not valid text")
+    raise exc
 
 
 def encode_raw_batch(encoder: SampleEncoder, payloads: list) -> list[Encoded | Rejected]:

@@ -9,12 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from data_tools.encoding import DEFAULT_CHAT_TEMPLATE
+from data_tools.templates import CHATML_TEMPLATE
 
-# ChatML, the template Qwen and many others use, with `{% generation %}` around assistant text so
-# `apply_chat_template(..., return_assistant_tokens_mask=True)` works too: the converter's default template.
-CHATML_TEMPLATE = DEFAULT_CHAT_TEMPLATE
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+# Tokenizer styles, each shaped like a family users bring (``train_tokenizer(style=...)``):
+#   chatml: a chat tokenizer whose eos is its end-of-turn token <|im_end|> (Qwen2.5-Instruct style)
+#   qwen:   the same ChatML template, but eos is <|endoftext|>, not the <|im_end|> that ends turns (Qwen2.5 base)
+#   base:   a base model's: bos <s> prepended to every encoding, eos </s>, no chat template, no ChatML tokens (Llama)
+TOKENIZER_STYLES = ("chatml", "qwen", "base")
+_SPECIALS = {
+    "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"],
+    "qwen": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"],
+    "base": ["<s>", "</s>"],
+}
 
 _DEFAULT_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -27,36 +33,44 @@ _DEFAULT_CORPUS = [
 ]
 
 
-def train_tokenizer(out_dir: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 512):
-    """Train a byte-level BPE tokenizer (a few seconds) with ChatML specials and save it to ``out_dir``.
+def train_tokenizer(out_dir: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 512, style="chatml"):
+    """Train a byte-level BPE tokenizer (a few seconds) in one of :data:`TOKENIZER_STYLES` and save it to ``out_dir``.
 
-    Returns the loaded ``PreTrainedTokenizerFast``. ``eos`` is ``<|im_end|>`` (end of an assistant turn),
-    ``pad`` is ``<pad>``; ``<|endoftext|>`` is the document separator for plain text.
+    Returns the loaded ``PreTrainedTokenizerFast``. ``chatml`` (the default): eos ``<|im_end|>`` (end of an
+    assistant turn), pad ``<pad>``, ``<|endoftext|>`` the document separator for plain text.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if style not in TOKENIZER_STYLES:
+        raise ValueError(f"style={style!r}: expected one of {TOKENIZER_STYLES}")
     texts = list(texts) if texts is not None else _DEFAULT_CORPUS * 20
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=_SPECIALS[style],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        bos_token=None,
-        unk_token=None,
-        additional_special_tokens=["<|endoftext|>", "<|im_start|>"],
-        chat_template=CHATML_TEMPLATE,
-        model_max_length=4096,
-    )
+    if style == "base":
+        # Llama's post-processor: tokenizer(text) starts with bos, so a chat template must emit it itself.
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+        kwargs = dict(bos_token="<s>", eos_token="</s>")
+    else:
+        eos = "<|im_end|>" if style == "chatml" else "<|endoftext|>"
+        kwargs = dict(
+            eos_token=eos,
+            pad_token="<pad>",
+            bos_token=None,
+            additional_special_tokens=[t for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>") if t != eos],
+            chat_template=CHATML_TEMPLATE,
+        )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=None, model_max_length=4096, **kwargs)
     fast.padding_side = "right"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

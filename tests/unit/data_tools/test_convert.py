@@ -119,7 +119,7 @@ BAD_CASES = [
         "messages",
         [b'{"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "a"}]}'],
         1,
-        "messages[0].content must be a string, got int",
+        "messages[0].content must be a string or a list of parts, got int",
     ),
     ("empty", "text", [b'{"text": "fine"}', b'{"text": "fine"}', b'{"text": ""}'], 3, 'empty text in key "text"'),
     (

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -7,7 +8,13 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from data_tools import formats
-from data_tools.encoding import DEFAULT_CHAT_TEMPLATE, Encoded, Rejected, SampleEncoder
+from data_tools.encoding import Encoded, Rejected, SampleEncoder
+from data_tools.templates import CHATML_TEMPLATE
+
+def without_generation_tags(template: str) -> str:
+    """The same template minus its {% generation %} tags: what the prefix method must get the same masks from."""
+    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
+
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -22,7 +29,7 @@ CONVERSATION = [
 def no_generation_tokenizer(tiny_tokenizer_dir):
     """The tiny tokenizer with the same ChatML template minus {% generation %} tags: exercises the prefix method."""
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    tok.chat_template = DEFAULT_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tok.chat_template = without_generation_tags(CHATML_TEMPLATE)
     return tok
 
 
@@ -95,7 +102,7 @@ def test_prefix_method_equals_generation_method(tiny_tokenizer, no_generation_to
 
 def test_default_template_when_tokenizer_has_none(no_template_tokenizer, tiny_tokenizer):
     enc = SampleEncoder(no_template_tokenizer, "messages")
-    assert enc.default_template and enc.mask_method == "generation"
+    assert enc.template.source == "default" and enc.mask_method == "generation"
     (e,) = enc.encode_batch([{"messages": CONVERSATION}])
     assert e.ids.tolist() == tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False)
     assert _masked_pieces(tiny_tokenizer, e.ids, e.mask) == ["42.<|im_end|>", "ananab<|im_end|>"]
@@ -226,9 +233,9 @@ def test_text_falls_back_to_tokenizer_call_when_rust_ids_differ(tiny_tokenizer_d
 def test_template_exceptions_become_rejected_records(tiny_tokenizer_dir, with_generation_tags):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('must start with user') }}{% endif %}"
-    base = DEFAULT_CHAT_TEMPLATE
+    base = CHATML_TEMPLATE
     if not with_generation_tags:
-        base = base.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+        base = without_generation_tags(base)
     tok.chat_template = strict + base
     good = {"messages": CONVERSATION[1:3]}
     ok, bad = SampleEncoder(tok, "messages").encode_batch([good, {"messages": CONVERSATION}])
