@@ -8,6 +8,7 @@ import ast
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 from pathlib import Path
@@ -73,7 +74,12 @@ def _jsonl_bytes(draw) -> bytes:
     return b"\n".join(lines) + draw(st.sampled_from([b"", b"\n", b"\r\n"]))
 
 
-def _check_one_conversion(data: bytes, fmt: str, on_error: str, max_length, tokenizer) -> None:
+# Rejections that blame the tokenizer or template, not the record: well-formed content must never get one (the
+# encoder lets its own bugs surface instead of hiding them as rejected records).
+_ENCODER_REASONS = ("tokenizer", "template", "dropped_by_template")
+
+
+def _check_one_conversion(data: bytes, fmt: str, on_error: str, max_length, tokenizer, wellformed=False) -> None:
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "in.jsonl"
         src.write_bytes(data)
@@ -93,11 +99,19 @@ def _check_one_conversion(data: bytes, fmt: str, on_error: str, max_length, toke
             # A clean error names the input file (and the line, for a bad record) and leaves no final output.
             assert str(src) in str(e), f"error does not name the input: {e}"
             assert not list(Path(d).glob("out*")), "a failed conversion left output under the final name"
+            if wellformed:  # only a record can be to blame: file:LINE: and a reason about the record
+                # (with on_error=skip, input whose every record was skipped: "no usable records (skipped: {...})")
+                assert re.match(rf"{re.escape(str(src))}(:\d+: |: no usable records)", str(e)), str(e)
+                assert not any(f"'{r}'" in str(e) for r in _ENCODER_REASONS), str(e)
+                assert "chat template" not in str(e) and "the tokenizer" not in str(e), str(e)
             event("clean error")
             return
         event("valid output")
         ds = IndexedDataset(prefix)
         counts = result.meta["counts"]
+        if wellformed:
+            blamed = {r: n for r, n in result.meta["skipped"]["by_reason"].items() if r in _ENCODER_REASONS}
+            assert not blamed, f"well-formed records rejected by the encoder: {result.meta['skipped']}"
         assert len(ds) == counts["documents"] and ds.num_tokens == counts["tokens"]
         for i in range(len(ds)):
             sample = ds[i]
@@ -166,7 +180,7 @@ def _wellformed_jsonl(draw) -> tuple[bytes, str]:
 @given(case=_wellformed_jsonl(), on_error=_ON_ERROR, max_length=st.sampled_from([None, 8]))
 def test_converter_fuzz_wellformed_hostile_content(tiny_tokenizer, case, on_error, max_length):
     data, fmt = case
-    _check_one_conversion(data, fmt, on_error, max_length, tiny_tokenizer)
+    _check_one_conversion(data, fmt, on_error, max_length, tiny_tokenizer, wellformed=True)
 
 
 def test_converter_cli_reports_bad_line_without_traceback(tiny_tokenizer_dir, tmp_path, capsys):
