@@ -70,7 +70,7 @@ def init(timeout_s: int = 1800) -> None:
 
     if torch.cuda.is_available():
         # Bind the device before NCCL creates its communicator, or every rank lands on GPU 0.
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(cuda_index())
     else:
         # Ranks on one CPU host share its cores; torch's default (all cores per process) oversubscribes them and a
         # 2-rank run on 2 cores gets ~5x slower. OMP_NUM_THREADS, when set, wins.
@@ -101,6 +101,18 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def cuda_index() -> int:
+    """This rank's GPU among the visible ones: ``local_rank % device_count``.
+
+    ``local_rank()`` alone is wrong where the scheduler shows each task only its own GPU (SLURM
+    ``--gpus-per-task=1``, some MPI setups): every task sees one device 0, and local rank 3 would ask for
+    "invalid device ordinal". With all of a node's GPUs visible the two are the same. (DeepSpeed's ZeRO-3 ``zero.Init``
+    still reads LOCAL_RANK itself, so ZeRO-3 needs every GPU of the node visible to each rank.)
+    """
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return local_rank() % count if count else 0
+
+
 def is_main() -> bool:
     """True on global rank 0: the rank that logs, writes files and converts data."""
     return rank() == 0
@@ -108,7 +120,7 @@ def is_main() -> bool:
 
 def device() -> torch.device:
     """This rank's compute device."""
-    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", cuda_index()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def barrier() -> None:

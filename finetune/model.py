@@ -66,7 +66,7 @@ def load_model(cfg: Config, ds_config: dict, precision: str, attn_implementation
         # bitsandbytes quantizes while placing weights (a device_map; CPU Linear4bit since 0.48), which zero.Init
         # does not do: each rank loads the whole 4-bit base (1/4 of bf16) and, under ZeRO-3, deepspeed.initialize
         # then partitions it (the codes are stored in the training dtype, see methods/lora.py).
-        kwargs["device_map"] = {"": dist.local_rank() if torch.cuda.is_available() else "cpu"}
+        kwargs["device_map"] = {"": dist.cuda_index() if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path,
         dtype=weight_dtype(cfg, precision),

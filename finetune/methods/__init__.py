@@ -28,9 +28,10 @@ def trainable_report(model) -> tuple[int, int, str]:
     trainable = total = 0
     for p in model.parameters():
         n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor; ds_numel is the real size
-        # bitsandbytes packs two 4-bit values per uint8 element
+        # bitsandbytes packs 4-bit codes into the storage dtype: 2 per uint8 element, 4 per bf16 element (the
+        # storage dsft's QLoRA uses, so that ZeRO-3 can partition them)
         if p.__class__.__name__ == "Params4bit":
-            n *= 2
+            n *= 2 * p.element_size()
         total += n
         trainable += n if p.requires_grad else 0
     pct = 100.0 * trainable / max(total, 1)

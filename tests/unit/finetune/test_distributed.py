@@ -33,3 +33,17 @@ def test_single_task_allocation_is_a_world_of_one():
 def test_mpi_launch_without_master_addr_is_refused():
     with pytest.raises(RuntimeError, match="MASTER_ADDR is not"):
         _env_from_launcher({"PMI_RANK": "0", "PMI_SIZE": "2"})
+
+
+@pytest.mark.parametrize(("visible", "local_rank", "expected"), [(1, 3, 0), (4, 3, 3), (8, 3, 3), (2, 3, 1)])
+def test_cuda_index_is_the_local_rank_among_the_visible_gpus(monkeypatch, visible, local_rank, expected):
+    """SLURM --gpus-per-task=1 shows each task one device 0: local rank 3 must not ask for cuda:3."""
+    import torch
+
+    from finetune import distributed
+
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert distributed.cuda_index() == expected
+    assert distributed.device() == torch.device("cuda", expected)
