@@ -2,8 +2,16 @@
 
 LoRA freezes the base and learns a rank-``r`` update ``B @ A`` per target Linear. QLoRA additionally stores the
 frozen base in 4-bit NF4 (or 8-bit) with bitsandbytes, so a 7B base needs ~4 GB instead of 14 GB; the adapters
-and the compute stay in bf16/fp32. ``prepare_model_for_kbit_training`` casts the non-quantized weights (norms,
-embeddings) to fp32 for stability and wires gradient checkpointing for the frozen, quantized base.
+and the compute stay in bf16/fp32.
+
+Precision of the non-quantized weights (norms, embeddings, LM head, adapters): the training dtype, as in every
+DeepSpeed bf16 run. DeepSpeed casts every floating parameter to bf16 in ``deepspeed.initialize``
+(``_cast_module_mixed_precision``) and keeps the fp32 master copy of what trains (the adapters) in its optimizer.
+PEFT's ``prepare_model_for_kbit_training`` would first upcast the frozen norms and embeddings to fp32 for stability,
+only for DeepSpeed to cast them back: a transient fp32 copy of the embeddings at load, and a docstring promise that
+did not hold. So QLoRA here freezes the base and wires gradient checkpointing itself, and the weights stay in the
+dtype they were loaded in (the training precision; RMSNorm computes in fp32 internally either way).
+tests/unit/finetune/test_methods.py checks the dtypes after ``deepspeed.initialize``.
 """
 
 from __future__ import annotations
@@ -47,16 +55,12 @@ def load_kwargs(cfg: Config, precision: str = "fp32") -> dict:
 
 def prepare(model, cfg: Config):
     """Wrap ``model`` in a PEFT LoRA model (after k-bit preparation for QLoRA)."""
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, TaskType, get_peft_model
 
     from finetune.methods import enable_gradient_checkpointing
 
-    gc = cfg.model.gradient_checkpointing
-    if cfg.method.name == "qlora":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    elif gc:
+    model.requires_grad_(False)  # the base (quantized or not) is frozen; get_peft_model unfreezes the adapters
+    if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     lc = cfg.method.lora
     peft_config = LoraConfig(
