@@ -63,10 +63,38 @@ class DataConfig:
         "prefix/prompt tuning (their virtual tokens need a 2-D attention mask).",
         ("auto", "packed", "padding", "bucket"),
     )
+    max_length: int | None = _f(
+        None,
+        "Raw .jsonl/.json: longest sample the converter keeps, in tokens; null = data.seq_len. Longer samples follow "
+        "data.over_length. A value above data.seq_len leaves the rest to the loader, which truncates to data.seq_len.",
+    )
+    over_length: str = _f(
+        "truncate",
+        "Raw .jsonl/.json samples longer than data.max_length: truncate (keep the first tokens; an SFT sample left "
+        "with no assistant token is dropped), drop, or error (stop at the first one; data.on_error=skip drops them). "
+        "Counts are printed at start and written to metrics.jsonl and summary.json.",
+        ("truncate", "drop", "error"),
+    )
+    on_error: str = _f(
+        "fail",
+        "Raw .jsonl/.json records that cannot be converted (malformed JSON, missing keys): fail = stop with "
+        "file:line; skip = drop them and count them by reason.",
+        ("fail", "skip"),
+    )
+    chat_template: str | None = _f(
+        None,
+        "Jinja chat template file that renders SFT records, instead of the tokenizer's own (or dsft's default for "
+        "tokenizers without one). The template used is saved with the final model's tokenizer.",
+    )
     cache_dir: str | None = _f(
         None, "Where raw .jsonl/.json is converted to mmap once; default <output_dir>/data_cache."
     )
     num_workers: int = _f(0, "DataLoader worker processes per rank (the data is mmap'ed ids, 0 is usually enough).")
+
+    @property
+    def sample_max_length(self) -> int:
+        """``data.max_length`` with null resolved: the longest sample the converter keeps."""
+        return self.max_length if self.max_length is not None else self.seq_len
 
 
 @dataclass
@@ -209,6 +237,7 @@ class Config:
             raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint; use auto, never or an existing path")
         if self.data.seq_len < 8:
             raise ConfigError(f"data.seq_len={self.data.seq_len} is too short; use >= 8 (typically 512-8192)")
+        self._validate_data()
         self._validate_precision()
         self._validate_zero()
         self._validate_method()
@@ -224,6 +253,16 @@ class Config:
                 f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x world_size="
                 f"{world_size} vs train.global_batch={t.global_batch}: {e}"
             ) from e
+
+    def _validate_data(self) -> None:
+        d = self.data
+        if d.max_length is not None and d.max_length < 1:
+            raise ConfigError(f"data.max_length={d.max_length} must be >= 1 (or null for data.seq_len)")
+        if d.chat_template is not None and not Path(d.chat_template).is_file():
+            raise ConfigError(
+                f"data.chat_template={d.chat_template}: no such file; give a Jinja chat template file, or null to use "
+                "the tokenizer's template"
+            )
 
     def _validate_precision(self) -> None:
         wants = {"bfloat16": "bf16", "float16": "fp16"}.get(self.model.dtype)

@@ -47,6 +47,9 @@ def test_every_shipped_yaml_loads():
         ("train.max_steps=ten", "train.max_steps='ten': expected an integer"),
         ("precision=fp8", "precision='fp8'"),
         ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing"),
+        ("data.over_length=cut", "data.over_length='cut': expected one of truncate, drop, error"),
+        ("data.on_error=ignore", "data.on_error='ignore': expected one of fail, skip"),
+        ("data.max_length=long", "data.max_length='long': expected an integer"),
     ],
 )
 def test_load_errors_name_the_key(override, message):
@@ -67,6 +70,8 @@ def test_load_errors_name_the_key(override, message):
         (["method.name=prefix", "data.packing=packed"], "data.packing"),
         (["train.lr=0"], "train.lr"),
         (["train.resume=/no/such/ckpt"], "train.resume"),
+        (["data.max_length=0"], "data.max_length=0 must be >= 1"),
+        (["data.chat_template=/no/such/template.jinja"], "data.chat_template=/no/such/template.jinja: no such file"),
     ],
 )
 def test_validate_errors_name_the_key(overrides, key):
@@ -85,6 +90,13 @@ def test_user_deepspeed_json_with_fp16_and_bf16(tmp_path):
 def test_batch_plan_comes_from_resolve_batch():
     plan = _cfg("train.global_batch=16", "train.micro_batch_size=2").validate(world_size=2)
     assert (plan.micro_batch_size, plan.grad_accum, plan.world_size, plan.global_batch) == (2, 4, 2, 16)
+
+
+def test_data_max_length_null_is_seq_len():
+    assert _cfg("data.seq_len=256").data.sample_max_length == 256
+    assert _cfg("data.seq_len=256", "data.max_length=300").data.sample_max_length == 300
+    d = _cfg().data
+    assert (d.over_length, d.on_error, d.chat_template) == ("truncate", "fail", None)
 
 
 def test_packing_auto_follows_method():
