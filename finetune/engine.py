@@ -30,7 +30,8 @@ from finetune import distributed as dist
 from finetune import ops
 from finetune.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.config import Config, ConfigError, to_dict
-from finetune.data import check_sources, resolve_data
+from finetune.data import check_sources, report_lengths, resolve_data, serving_settings, source_meta
+from finetune.export import SERVING_FILE, save_generation_config, set_stop_ids
 from finetune.metrics import MetricsLogger, memory_stats, mfu
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         num_workers=cfg.data.num_workers,
         pad_id=tokenizer.pad_token_id,
     )
-    train_src = resolve_data(cfg.data.train, cfg, tokenizer)
+    train_src = resolve_data(cfg.data.train, cfg, tokenizer, "data.train")
     if require_loss_mask and not train_src.endswith(".json") and not Path(f"{train_src}_loss_mask.idx").exists():
         raise ConfigError(
             f"data.train={cfg.data.train}: no loss mask ({train_src}_loss_mask.idx), so the loss would count prompt "
@@ -105,8 +106,19 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    eval_src = resolve_data(cfg.data.eval, cfg, tokenizer) if cfg.data.eval else None
+    eval_src = resolve_data(cfg.data.eval, cfg, tokenizer, "data.eval") if cfg.data.eval else None
     check_sources([train_src, eval_src], tokenizer, model_config.vocab_size)
+    # Serve the model as its data taught it: the chat template the data was rendered with goes into final/'s
+    # tokenizer, and generate() stops on the tokens its assistant turns end with.
+    serving, stop_warning = serving_settings(source_meta(train_src), tokenizer)
+    if serving["chat_template"]:
+        tokenizer.chat_template = serving["chat_template"]
+    data_reports = {}
+    if dist.is_main():
+        (out / SERVING_FILE).write_text(json.dumps(serving, indent=2))
+        if stop_warning:
+            print(f"[dsft] WARNING {stop_warning}", flush=True)
+        data_reports = report_lengths(cfg, {"data.train": train_src, "data.eval": eval_src})
     loader = build_dataloader(train_src, shuffle=True, drop_last=True, **common)
     eval_loader = None
     if eval_src:
@@ -182,6 +194,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
             print(f"[dsft] resumed from {resume_from} at step {step}", flush=True)
             _truncate_metrics(out / "metrics.jsonl", step)
     metrics = MetricsLogger(out, enabled=dist.is_main(), append=resume_from is not None)
+    for report in data_reports.values():  # what the data lost to length limits and bad records
+        metrics.log({"step": 0, "split": "data", **report})
 
     from finetune.watchdog import StepWatchdog
 
@@ -234,12 +248,12 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                             raise
                         if dist.is_main():
                             print(f"[dsft] WARNING checkpoint at step {step} failed, training on: {e}", flush=True)
-            summary = {"step": step, "loss": last.get("loss")}
+            summary = {"step": step, "loss": last.get("loss"), "data": data_reports}
             if eval_loader is not None:
                 ev = evaluate(engine, eval_loader, cfg)
                 metrics.log({"step": step, "split": "eval", "final": True, **ev})
                 summary.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
-            save_final(engine, cfg, tokenizer, out / "final")
+            save_final(engine, cfg, tokenizer, out / "final", serving["stop_token_ids"])
             metrics.plot()
             if dist.is_main():
                 (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -368,11 +382,13 @@ def evaluate(engine, loader, cfg: Config) -> dict:
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
 
 
-def save_final(engine, cfg: Config, tokenizer, final_dir: Path) -> None:
+def save_final(engine, cfg: Config, tokenizer, final_dir: Path, stop_ids: list[int] | None = None) -> None:
     """Write ``final_dir``: a full ``save_pretrained`` model (full) or a PEFT adapter folder, plus the tokenizer.
 
     ZeRO-3 holds only a shard of every weight per rank, so the weights are gathered first (collective: every rank
-    must call this); the main rank writes.
+    must call this); the main rank writes. ``stop_ids`` (the data's end-of-turn tokens and eos, see
+    ``data.serving_settings``) become ``generation_config.eos_token_id``; an adapter folder gets a
+    ``generation_config.json`` of its own, since ``PeftModel.save_pretrained`` writes none.
     """
     import deepspeed
 
@@ -384,10 +400,12 @@ def save_final(engine, cfg: Config, tokenizer, final_dir: Path) -> None:
         with ctx:
             if dist.is_main():
                 module.save_pretrained(final_dir, safe_serialization=True)
+                save_generation_config(module, final_dir, stop_ids)
     else:
         state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
         if dist.is_main():
             state = state if zero3 else {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            set_stop_ids(module.generation_config, stop_ids)
             module.save_pretrained(final_dir, state_dict=state, safe_serialization=True)
     if dist.is_main():
         tokenizer.save_pretrained(final_dir)
@@ -404,10 +422,12 @@ def _resume_path(cfg: Config, ckpt_root: Path) -> Path | None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop rows logged past the checkpoint (they are about to be recomputed)."""
+    """After a resume, drop rows logged past the checkpoint (they are about to be recomputed) and the data rows
+    (logged again at every start)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    rows = [(line, json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line, row in rows if row["step"] <= step and row.get("split") != "data"]
     path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -9,16 +9,48 @@
 ``zero`` consolidates the per-rank fp32 optimizer partitions with DeepSpeed's ``zero_to_fp32`` (the master weights,
 more precise than the 16-bit ``final/``), then writes them like ``final/``: a ``save_pretrained`` model for full
 fine-tuning, an adapter folder for PEFT methods. The run's ``config.json`` (next to ``checkpoints/``) says which.
+
+Every export stops where training taught the model to stop and keeps the chat template the data was rendered with:
+``final/`` gets them from the engine, ``merge`` from the adapter folder (its ``generation_config.json`` and
+tokenizer), ``zero`` from the run's ``serving.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+
+SERVING_FILE = "serving.json"  # output_dir/serving.json: the chat template and stop token ids of the run's data
+
+
+def read_serving(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's ``serving.json`` (written by the engine), or None for runs from before it existed."""
+    path = Path(run_dir) / SERVING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def set_stop_ids(generation_config, stop_ids: list[int] | None) -> None:
+    """``generation_config.eos_token_id = stop_ids``: ``generate()`` stops on any of them. None leaves it alone
+    (text data: the model's own eos)."""
+    if stop_ids:
+        generation_config.eos_token_id = list(stop_ids)
+
+
+def save_generation_config(model, out_dir: str | Path, stop_ids: list[int] | None) -> None:
+    """Write ``model``'s generation config with ``stop_ids`` into ``out_dir``, for adapter folders:
+    ``PeftModel.save_pretrained`` writes none, and a base model's own would stop on its eos only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not stop_ids or getattr(base, "generation_config", None) is None:
+        return
+    config = copy.deepcopy(base.generation_config)
+    set_stop_ids(config, stop_ids)
+    config.save_pretrained(out_dir)
 
 
 def merge_adapter(
@@ -36,7 +68,7 @@ def merge_adapter(
         ``out_dir``.
     """
     from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     peft_cfg = PeftConfig.from_pretrained(adapter_dir)
@@ -48,7 +80,10 @@ def merge_adapter(
     base = base or peft_cfg.base_model_name_or_path
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    if (adapter_dir / "generation_config.json").exists():  # the stop ids of the training data (engine.save_final)
+        set_stop_ids(merged.generation_config, GenerationConfig.from_pretrained(adapter_dir).eos_token_id)
     merged.save_pretrained(out_dir, safe_serialization=True)
+    # the adapter folder's tokenizer carries the chat template the training data was rendered with
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
     AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
     return out_dir
@@ -60,7 +95,8 @@ def consolidate_zero(checkpoint: str | Path, out_dir: str | Path, run_config: st
     Args:
         checkpoint: a ``step_XXXXXXXX`` directory, or the ``checkpoints`` root (its newest complete checkpoint).
         out_dir: output directory.
-        run_config: the run's ``config.json``; default: ``<checkpoint root>/../config.json``.
+        run_config: the run's ``config.json``; default: ``<checkpoint root>/../config.json``. The ``serving.json``
+            beside it gives the chat template and the stop token ids.
 
     Returns:
         ``out_dir``.
@@ -95,8 +131,17 @@ def consolidate_zero(checkpoint: str | Path, out_dir: str | Path, run_config: st
     missing, unexpected = model.load_state_dict(state, strict=not cfg.is_peft)
     if unexpected:
         raise ValueError(f"{step_dir}: {len(unexpected)} checkpoint tensors fit no parameter, e.g. {unexpected[:3]}")
-    model.save_pretrained(out_dir, safe_serialization=True)
-    load_tokenizer(cfg).save_pretrained(out_dir)
+    serving = read_serving(run_config.parent) or {}
+    tokenizer = load_tokenizer(cfg)
+    if serving.get("chat_template"):
+        tokenizer.chat_template = serving["chat_template"]
+    if cfg.is_peft:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        save_generation_config(model, out_dir, serving.get("stop_token_ids"))
+    else:
+        set_stop_ids(model.generation_config, serving.get("stop_token_ids"))
+        model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
     return out_dir
 
 

@@ -98,6 +98,8 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=float) + "\n")
         split = row.get("split", "train")
+        if "source" in row:  # data rows: one per source (data/data.train/truncated, data/data.eval/truncated)
+            split = f"{split}/{row['source']}"
         for k, v in row.items():
             if k not in ("step", "time", "split") and isinstance(v, int | float) and not isinstance(v, bool):
                 if v is not None and math.isfinite(v):

@@ -63,6 +63,20 @@ def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
     assert not MetricsLogger(tmp_path / "other", enabled=False).enabled and not (tmp_path / "other").exists()
 
 
+def test_a_resume_drops_later_rows_and_the_data_rows(tmp_path):
+    """Data rows (step 0) are logged again at every start; rows past the checkpoint are recomputed."""
+    from finetune.engine import _truncate_metrics
+
+    log = MetricsLogger(tmp_path)
+    log.log({"step": 0, "split": "data", "source": "data.train", "truncated": 3})
+    for step in (1, 2, 3):
+        log.log({"step": step, "split": "train", "loss": 1.0 / step})
+    log.close()
+    _truncate_metrics(tmp_path / "metrics.jsonl", 2)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train")]
+
+
 def test_mfu_is_none_without_a_known_gpu():
     import torch
 
