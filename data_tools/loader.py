@@ -199,8 +199,9 @@ def build_dataloader(
         seed: seeds every shuffle; the same on all ranks.
         packing: ``"packed"`` (first-fit packing, no sample split), ``"padding"`` or ``"bucket"``.
         attention: packed mode only. ``"mask"``: a (B, 1, T, T) bool block-diagonal causal ``attention_mask``
-            (SDPA/eager, CPU). ``"position_ids"``: no mask; sample starts are where ``position_ids`` is 0
-            (FlexAttention / varlen / flash-attn, see ``finetune.attention.resolve_attention``).
+            (SDPA/eager, CPU). ``"position_ids"``: no mask; sample starts are where ``position_ids`` is 0, also
+            given as ``cu_seq_lens_q/k`` + ``max_length_q/k`` for variable-length kernels (FlexAttention / varlen /
+            flash-attn, see ``finetune.attention.resolve_attention`` and ``loading.packing.varlen_kwargs``).
         num_workers: DataLoader worker processes building batches (0 = in this process).
         shuffle: shuffle samples (mmap: DistributedSampler; WebDataset: shard order + a sample buffer).
         drop_last: mmap path. True: every rank drops the remainder (no sample is repeated, a few per epoch are
@@ -212,8 +213,8 @@ def build_dataloader(
 
     Returns:
         A ``DistributedLoader``: iterable of batch dicts (``input_ids``, ``labels``, ``position_ids``,
-        ``attention_mask`` except packed+position_ids, ``num_real_tokens``), with ``len``, ``set_epoch``,
-        ``state_dict`` / ``load_state_dict``.
+        ``attention_mask`` except packed+position_ids, which has the varlen kwargs instead, ``num_real_tokens``), with
+        ``len``, ``set_epoch``, ``state_dict`` / ``load_state_dict``.
     """
     cfg = LoaderConfig(
         seq_len=seq_len,

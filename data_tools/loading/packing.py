@@ -2,7 +2,15 @@
 
 A *row* is a list of ``(input_ids, loss_mask)`` pairs that fit in ``seq_len`` tokens. Rows become batches dicts:
 ``input_ids``, ``labels`` (-100 where the loss mask is 0, on padding and on the first token of every packed sample),
-``position_ids`` (reset to 0 at every sample) and the attention information of the chosen mode.
+``position_ids`` (reset to 0 at every sample) and the attention information of the chosen mode:
+
+- ``mask``: ``attention_mask``, a dense (B, 1, T, T) bool block-diagonal causal mask (``block_causal_mask``).
+- ``position_ids``: no mask. The resets in ``position_ids`` are the boundaries (transformers builds sdpa/eager/flex
+  masks from them), and ``varlen_kwargs`` adds them ready for variable-length kernels: ``cu_seq_lens_q/k`` (int32
+  offsets into the flattened B*T tokens) and ``max_length_q/k`` (Python ints). transformers' flash-attn path uses
+  them for any batch size; without them it detects packing only at batch size 1 (``_is_packed_sequence`` in
+  transformers 5.23) and runs plain causal attention over rows of micro batches > 1, mixing their samples.
+  ``dsft_varlen`` reads them too, so no layer has to sync the device to find the boundaries.
 """
 
 from __future__ import annotations
@@ -118,6 +126,33 @@ def block_causal_mask(position_ids: np.ndarray) -> np.ndarray:
     return mask
 
 
+def varlen_boundaries(position_ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """(B, T) position ids -> (int32 offsets ``[0, s1, ..., B*T]`` of the samples in the flattened B*T tokens, the
+    longest sample's length). A sample starts wherever the position id is 0; rows never merge because every row
+    starts at 0 (checked), and a padding tail is its own sample (it restarts at 0 too).
+
+    Raises:
+        ValueError: a row that does not start at position 0 (its first tokens would join the previous row's last
+            sample in the flattened layout).
+    """
+    pos = np.asarray(position_ids)
+    if pos.ndim != 2 or pos.shape[1] == 0:
+        raise ValueError(f"position_ids must be (batch, seq_len) with seq_len >= 1, got shape {pos.shape}")
+    if (pos[:, 0] != 0).any():
+        raise ValueError("position_ids must start at 0 in every row")
+    cu = np.append(np.flatnonzero(pos.reshape(-1) == 0), pos.size).astype(np.int32)
+    return cu, int(np.diff(cu).max())
+
+
+def varlen_kwargs(position_ids: np.ndarray) -> dict:
+    """The keyword arguments transformers' flash-attn path (``_flash_attention_forward``) and ``dsft_varlen`` take
+    for packed rows: ``cu_seq_lens_q/k`` (int32 tensors, see ``varlen_boundaries``) and ``max_length_q/k`` (ints:
+    a tensor would need a device->host sync in every layer). Self-attention, so q and k share them."""
+    cu, max_len = varlen_boundaries(position_ids)
+    cu_t = torch.from_numpy(cu)
+    return {"cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t, "max_length_q": max_len, "max_length_k": max_len}
+
+
 def collate_packed(rows: list[list[tuple[np.ndarray, np.ndarray | None]]], seq_len: int, pad_id: int, attention: str):
     """Rows of ``(input_ids, loss_mask or None)`` samples (each <= seq_len) -> a packed batch of shape (B, seq_len)."""
     b = len(rows)
@@ -164,7 +199,10 @@ def _finish(input_ids, labels, position_ids, real: int, attention: str) -> dict:
     }
     if attention == "mask":
         batch["attention_mask"] = torch.from_numpy(block_causal_mask(position_ids))
-    elif attention != "position_ids":
+    elif attention == "position_ids":
+        # flash-attn and dsft_varlen use these; sdpa, eager and flex get them in **kwargs and ignore them
+        batch.update(varlen_kwargs(position_ids))
+    else:
         raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_MODES}")
     return batch
 
