@@ -3,13 +3,19 @@
 ``resolve_attention`` returns what to pass to ``from_pretrained(attn_implementation=...)`` *and* the loader's
 ``attention`` mode, so the model and the batches always agree:
 
-| implementation      | device | loader mode    | how sample boundaries reach the kernel                              |
-|---------------------|--------|----------------|---------------------------------------------------------------------|
-| ``sdpa``            | any    | ``mask``       | a dense (B, 1, T, T) bool block-diagonal causal mask from the loader |
-| ``eager``           | any    | ``position_ids`` | transformers builds eager's additive block mask from the resets   |
-| ``flex_attention``  | CUDA   | ``position_ids`` | transformers builds a ``BlockMask`` from the position-id resets     |
-| ``flash_attention_2`` | CUDA | ``position_ids`` | transformers' flash path derives ``cu_seqlens`` from position ids  |
-| ``dsft_varlen``     | CUDA   | ``position_ids`` | ours: ``torch.nn.attention.varlen.varlen_attn`` with ``cu_seq`` from position ids |
+| implementation        | trains on                   | loader mode      | sample boundaries reach the kernel as       |
+|-----------------------|-----------------------------|------------------|---------------------------------------------|
+| ``sdpa``              | any device, dtype, dropout  | ``mask``         | the loader's dense (B,1,T,T) block mask     |
+| ``eager``             | any device, dtype, dropout  | ``position_ids`` | an additive block mask transformers builds  |
+| ``flex_attention``    | CUDA, any dtype, no dropout | ``position_ids`` | a ``BlockMask`` transformers builds         |
+| ``flash_attention_2`` | CUDA, bf16/fp16, dropout ok | ``position_ids`` | the loader's ``cu_seq_lens``/``max_length`` |
+| ``dsft_varlen``       | CUDA, bf16/fp16, no dropout | ``position_ids`` | the same, into ours: ``varlen_attn``        |
+
+In ``position_ids`` mode every batch carries both the resets and ``cu_seq_lens_q/k`` + ``max_length_q/k``
+(``data_tools.loading.packing.varlen_kwargs``): transformers' flash path, from position ids alone, sees packing only
+at batch size 1 (``_is_packed_sequence``, transformers 5.23) and would run plain causal attention over each row of a
+larger micro batch; given the kwargs it runs ``flash_attn_varlen_func`` over the flattened rows for any batch size.
+sdpa, eager and flex receive the kwargs in ``**kwargs`` and ignore them.
 
 Why the split (numbers in ../shared/DESIGN.md, one H100, 1.1B-Llama attention layer, 8 x 2048 packed tokens, fwd+bwd):
 a dense mask makes SDPA leave its flash kernel (4.29 ms vs 1.96 ms causal), while FlexAttention with a document mask
@@ -17,10 +23,10 @@ a dense mask makes SDPA leave its flash kernel (4.29 ms vs 1.96 ms causal), whil
 ``varlen_attn`` is CUDA-only, so CPU training uses SDPA with the dense mask, which is exact (logits of a packed row
 equal each sample run alone within ~1e-6 in fp32, tests/unit/finetune/test_attention.py).
 
-In transformers 5.23 every attention function receives the decoder layer's ``position_ids`` in ``**kwargs`` (Llama
-and GPT-2 both forward them), and ``create_causal_mask`` returns ``None`` for implementations that are not in
-``AttentionMaskInterface`` (masking_utils._preprocess_mask_arguments), so ``dsft_varlen`` needs no mask function:
-no dense (T, T) mask is ever built for it.
+In transformers 5.23 every attention function receives the decoder layer's ``position_ids`` and the model call's extra
+keyword arguments in ``**kwargs`` (Llama and GPT-2 both forward them), and ``create_causal_mask`` returns ``None``
+for implementations that are not in ``AttentionMaskInterface`` (masking_utils._preprocess_mask_arguments), so
+``dsft_varlen`` needs no mask function: no dense (T, T) mask is ever built for it.
 """
 
 from __future__ import annotations
@@ -29,28 +35,23 @@ import importlib.util
 
 import torch
 
+from data_tools.loading.packing import varlen_boundaries
+
 DSFT_VARLEN = "dsft_varlen"
 CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", DSFT_VARLEN)
 
-# position_ids -> (cu_seq, max_len) of the last forward: every layer of one forward shares it, and computing it
-# needs a device->host sync (nonzero), so it is done once per batch instead of once per layer.
-_CU_CACHE: dict = {}
-
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Flattened (B*T) sample boundaries: int32 offsets ``[0, s1, ..., B*T]`` where position ids restart at 0,
-    plus the longest sample. Rows are independent because every row starts at position 0."""
-    key = (position_ids.data_ptr(), position_ids._version, tuple(position_ids.shape), position_ids.device)
-    if _CU_CACHE.get("key") != key:
-        flat = position_ids.reshape(-1)
-        starts = torch.nonzero(flat == 0).reshape(-1)
-        if starts.numel() == 0 or int(starts[0]) != 0:
-            raise ValueError("dsft_varlen: position_ids must start every row at 0 (packed batches from the loader)")
-        end = torch.tensor([flat.numel()], device=flat.device, dtype=starts.dtype)
-        cu = torch.cat([starts, end]).to(torch.int32)
-        _CU_CACHE.clear()
-        _CU_CACHE.update(key=key, value=(cu, int((cu[1:] - cu[:-1]).max())))
-    return _CU_CACHE["value"]
+    """Flattened (B*T) sample boundaries: int32 offsets ``[0, s1, ..., B*T]`` where position ids restart at 0, on
+    ``position_ids``' device, plus the longest sample (``varlen_boundaries`` computes both: one home for the rule).
+
+    The fallback for a model called without the loader's ``cu_seq_lens_q``/``max_length_q``. Nothing is cached: a
+    cache keyed on (data_ptr, _version, shape) returned an old batch's boundaries when the CUDA caching allocator
+    handed the next, equal-sized ``position_ids`` the freed block (a new tensor always has _version 0). The price
+    is a device->host copy per layer, which the loader's precomputed kwargs avoid.
+    """
+    cu, max_len = varlen_boundaries(position_ids.detach().cpu().numpy())
+    return torch.from_numpy(cu).to(position_ids.device), max_len
 
 
 def varlen_attention_forward(
@@ -65,24 +66,34 @@ def varlen_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """A transformers attention function over packed rows with ``torch.nn.attention.varlen.varlen_attn``.
 
-    Args: as every transformers attention function: ``query`` (B, H, T, D), ``key``/``value`` (B, Hkv, T, D), and
-    ``position_ids`` (B, T) in ``kwargs``. Returns (B, T, H, D) and no attention weights.
+    Args: as every transformers attention function: ``query`` (B, H, T, D), ``key``/``value`` (B, Hkv, T, D), and in
+    ``kwargs`` the loader's ``cu_seq_lens_q/k`` and ``max_length_q/k`` (``data_tools.loading.packing.varlen_kwargs``)
+    or, without them, ``position_ids`` (B, T) to derive them from. Returns (B, T, H, D) and no attention weights.
     """
     from torch.nn.attention.varlen import varlen_attn
 
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        raise ValueError("dsft_varlen needs position_ids (build the loader with attention='position_ids')")
     if attention_mask is not None:
         raise ValueError("dsft_varlen takes no attention_mask: pass packed batches with attention='position_ids'")
     if dropout > 0:
         raise ValueError("dsft_varlen has no attention dropout; set the model's attention dropout to 0")
     b, h, t, d = query.shape
-    cu, max_len = cu_seqlens_from_position_ids(position_ids.expand(b, t))
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    if all(kwargs.get(n) is not None for n in names):
+        cu_q, cu_k, max_q, max_k = (kwargs[n] for n in names)
+        cu_q, cu_k = cu_q.to(query.device), cu_k.to(query.device)  # no-ops after the engine's move to the device
+    else:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            raise ValueError(
+                "dsft_varlen needs cu_seq_lens_q/k and max_length_q/k, or position_ids "
+                "(build the loader with attention='position_ids')"
+            )
+        cu_q, max_q = cu_seqlens_from_position_ids(position_ids.expand(b, t))
+        cu_k, max_k = cu_q, max_q
     q = query.transpose(1, 2).reshape(b * t, h, d)
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), enable_gqa=h != k.shape[1])
+    out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, window_size=(-1, 0), enable_gqa=h != k.shape[1])
     return out.reshape(b, t, h, d), None
 
 

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from data_tools.loading.packing import collate_packed
 from finetune.attention import (
     CHOICES,
+    DSFT_VARLEN,
     configure_model_for_packing,
     cu_seqlens_from_position_ids,
     model_supports,
+    register_varlen,
     resolve_attention,
 )
 
@@ -46,11 +48,9 @@ def _assert_packed_equals_alone(model, mode, reference=None, atol=1e-4):
     rows = _rows(model.config.vocab_size)
     batch = collate_packed(rows, SEQ_LEN, pad_id=0, attention=mode)
     with torch.no_grad():
-        packed = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch["position_ids"],
-        ).logits
+        # as the engine calls it: the whole batch (position_ids mode: with cu_seq_lens_q/k, max_length_q/k) but the
+        # num_real_tokens it pops
+        packed = model(**{k: v for k, v in batch.items() if k != "num_real_tokens"}).logits
         assert torch.isfinite(packed).all()  # the padding tail is its own block, never an all-masked row
         worst = 0.0
         for r, row in enumerate(rows):
@@ -140,8 +140,138 @@ def test_cu_seqlens_from_position_ids():
     cu, max_len = cu_seqlens_from_position_ids(pos)
     assert cu.tolist() == [0, 3, 5, 6, 10, 12] and cu.dtype == torch.int32
     assert max_len == 4
-    with pytest.raises(ValueError, match="start every row at 0"):
+    with pytest.raises(ValueError, match="start at 0 in every row"):
         cu_seqlens_from_position_ids(torch.tensor([[1, 2, 0]]))
+    with pytest.raises(ValueError, match="start at 0 in every row"):  # every row, not only the first
+        cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2], [1, 0, 1]]))
+
+
+def test_boundaries_are_recomputed_when_a_tensor_reuses_storage():
+    """The removed cache keyed on (data_ptr, _version, shape): a new tensor in a freed block (what the CUDA caching
+    allocator hands the next equal-sized batch) has the same key, so it got the old batch's boundaries. Here a
+    numpy write (no _version bump) and a new tensor over the same memory play that role; the old code returned
+    [0, 3, 5, 6] twice."""
+    buf = np.array([[0, 1, 2, 0, 1, 0]], dtype=np.int64)
+    first = torch.from_numpy(buf)
+    assert cu_seqlens_from_position_ids(first)[0].tolist() == [0, 3, 5, 6]
+    buf[:] = [[0, 1, 2, 3, 4, 5]]
+    second = torch.from_numpy(buf)
+    assert (second.data_ptr(), second._version, second.shape) == (first.data_ptr(), first._version, first.shape)
+    cu, max_len = cu_seqlens_from_position_ids(second)
+    assert cu.tolist() == [0, 6] and max_len == 6
+
+
+# ---------------------------------------------------------------- variable-length kernels, run on CPU stand-ins
+
+
+def _segments_attention(q, k, v, cu_q, cu_k, scale):
+    """What flash_attn_varlen_func / varlen_attn compute, on CPU: causal attention within each [cu[i], cu[i+1])
+    of the flattened (N, H, D) tokens."""
+    assert torch.equal(cu_q.cpu(), cu_k.cpu())
+    out = torch.empty_like(q)
+    cu = cu_q.tolist()
+    for s, e in zip(cu[:-1], cu[1:], strict=True):
+        qs, ks, vs = (x[s:e].transpose(0, 1)[None] for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        out[s:e] = o[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_flash_path_keeps_packed_samples_apart_at_micro_batch_2(request, monkeypatch, arch):
+    """transformers' own flash_attention_forward / _flash_attention_forward, with CPU stand-ins for flash-attn's
+    functions: with the loader's cu_seq_lens/max_length a 2-row packed batch gives each sample its logits alone;
+    from position ids only (what dsft sent before) transformers runs plain causal flash over each row (it detects
+    packing at batch size 1 only) and the samples mix."""
+    import transformers.integrations.flash_attention as fa_integration
+    import transformers.modeling_flash_attention_utils as fa_utils
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    calls = []
+
+    def flash_fn(q, k, v, causal=True, softmax_scale=None, **_):
+        calls.append("flash_fn")
+        out = F.scaled_dot_product_attention(
+            *(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal, scale=softmax_scale, enable_gqa=True
+        )
+        return out.transpose(1, 2)
+
+    def flash_varlen_fn(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True
+    ):
+        calls.append(("varlen", cu_seqlens_q, max_seqlen_q))
+        assert causal
+        return _segments_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
+
+    fns = (flash_fn, flash_varlen_fn, None, fa_utils._pad_input, fa_utils._unpad_input)
+    process = fa_utils._lazy_define_process_function(flash_varlen_fn)
+    monkeypatch.setattr(fa_utils, "lazy_import_flash_attention", lambda *a, **k: (fns, (process, dict)))
+    # fp32 here only (dsft refuses flash in fp32): the cast-back target of fp32 queries looks for an nn.Linear,
+    # which GPT-2 (Conv1D) has none of
+    monkeypatch.setattr(fa_integration, "get_target_dtype", lambda query, module: None)
+    flash_attention_forward = fa_integration.flash_attention_forward
+    # the real flash_attention_2 mask function returns None without a 2-D mask, as an unmapped name does
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "cpu_varlen_stand_in", flash_attention_forward)
+    monkeypatch.delitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "cpu_varlen_stand_in", raising=False)
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    model = _load(model_dir, "cpu_varlen_stand_in")
+    sdpa = _load(model_dir, "sdpa")
+
+    _assert_packed_equals_alone(model, "position_ids", reference=sdpa)
+    batch = collate_packed(_rows(model.config.vocab_size), SEQ_LEN, pad_id=0, attention="position_ids")
+    varlen_calls = [c for c in calls if c != "flash_fn"]
+    assert "flash_fn" not in calls and len(varlen_calls) == model.config.num_hidden_layers
+    for _, cu, max_len in varlen_calls:
+        assert torch.equal(cu, batch["cu_seq_lens_q"]) and type(max_len) is int and max_len == batch["max_length_q"]
+
+    calls.clear()  # the control: the same batch without the boundaries
+    bare = {k: batch[k] for k in ("input_ids", "position_ids")}
+    with torch.no_grad():
+        mixed = model(**bare).logits
+        ids, _ = _rows(model.config.vocab_size)[0][1]
+        alone = sdpa(input_ids=torch.as_tensor(ids)[None]).logits[0]
+    assert set(calls) == {"flash_fn"}
+    assert (mixed[0, 7 : 7 + len(ids)] - alone).abs().max() > 1e-2
+
+
+def test_dsft_varlen_uses_the_loaders_boundaries(tiny_llama_dir, monkeypatch):
+    """dsft_varlen through the tiny Llama on CPU, with a CPU stand-in for torch's varlen_attn: packed == alone for
+    2 rows; the kernel gets the batch's cu_seq_lens (no recomputation) and, without them, derives the same from
+    position ids; wrong boundaries reach the kernel (so the first check can fail)."""
+    import torch.nn.attention.varlen as varlen_module
+
+    seen = []
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert window_size == (-1, 0) and q.dim() == 3
+        seen.append((cu_q, max_q))
+        return _segments_attention(q, k, v, cu_q, cu_k, scale)
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", varlen_attn)
+    register_varlen()
+    model = _load(tiny_llama_dir, DSFT_VARLEN)
+    sdpa = _load(tiny_llama_dir, "sdpa")
+    _assert_packed_equals_alone(model, "position_ids", reference=sdpa)
+
+    batch = collate_packed(_rows(model.config.vocab_size), SEQ_LEN, pad_id=0, attention="position_ids")
+    batch.pop("num_real_tokens")
+    seen.clear()
+    with torch.no_grad():
+        packed = model(**batch).logits
+    assert all(cu is batch["cu_seq_lens_q"] for cu, _ in seen)  # precomputed: no per-layer device sync
+
+    without = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    seen.clear()
+    with torch.no_grad():
+        assert torch.allclose(model(**without).logits, packed, atol=1e-6)
+    assert all(torch.equal(cu, batch["cu_seq_lens_q"]) and mx == batch["max_length_q"] for cu, mx in seen)
+
+    one_per_row = torch.tensor([0, SEQ_LEN, 2 * SEQ_LEN], dtype=torch.int32)  # plain causal rows: samples mix
+    wrong = {**batch, "cu_seq_lens_q": one_per_row, "cu_seq_lens_k": one_per_row, "max_length_q": SEQ_LEN}
+    wrong["max_length_k"] = SEQ_LEN
+    with torch.no_grad():
+        assert (model(**wrong).logits - packed).abs().max() > 1e-2
 
 
 @pytest.mark.gpu
