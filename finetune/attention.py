@@ -15,7 +15,8 @@ In ``position_ids`` mode every batch carries both the resets and ``cu_seq_lens_q
 (``data_tools.loading.packing.varlen_kwargs``): transformers' flash path, from position ids alone, sees packing only
 at batch size 1 (``_is_packed_sequence``, transformers 5.23) and would run plain causal attention over each row of a
 larger micro batch; given the kwargs it runs ``flash_attn_varlen_func`` over the flattened rows for any batch size.
-sdpa, eager and flex receive the kwargs in ``**kwargs`` and ignore them.
+sdpa, eager and flex receive the kwargs in ``**kwargs`` and ignore them. Precision and attention dropout limits
+(``HALF_PRECISION_ONLY``, ``NO_DROPOUT``) are checked in ``resolve_attention`` before the model loads.
 
 Why the split (numbers in ../shared/DESIGN.md, one H100, 1.1B-Llama attention layer, 8 x 2048 packed tokens, fwd+bwd):
 a dense mask makes SDPA leave its flash kernel (4.29 ms vs 1.96 ms causal), while FlexAttention with a document mask
@@ -32,6 +33,7 @@ for implementations that are not in ``AttentionMaskInterface`` (masking_utils._p
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 
@@ -39,6 +41,14 @@ from data_tools.loading.packing import varlen_boundaries
 
 DSFT_VARLEN = "dsft_varlen"
 CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", DSFT_VARLEN)
+# flash-attn and varlen_attn (which calls the same _flash_attention_forward) take fp16/bf16 only
+HALF_PRECISION_ONLY = ("flash_attention_2", DSFT_VARLEN)
+# transformers' flex_attention_forward raises on dropout > 0, and varlen_attn has no dropout argument
+NO_DROPOUT = ("flex_attention", DSFT_VARLEN)
+# where configs keep the attention-probability dropout: Llama/Qwen/Mistral/Gemma/GPT-NeoX/OPT, GPT-2/GPT-J, BERT-like
+DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
+logger = logging.getLogger(__name__)
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -139,55 +149,124 @@ def model_supports(config, attribute: str) -> bool:
     return bool(getattr(cls, attribute, False))
 
 
-def resolve_attention(attn_implementation: str = "auto", device_type: str = "cpu", config=None) -> tuple[str, str]:
+def attention_dropout(config) -> float:
+    """The attention-probability dropout ``config`` trains with (0.0 for None or a config that names none of
+    ``DROPOUT_KEYS``). GPT-2's ``attn_pdrop`` is 0.1 by default; Llama's ``attention_dropout`` is 0.0."""
+    if config is None:
+        return 0.0
+    return max((float(getattr(config, key, None) or 0.0) for key in DROPOUT_KEYS), default=0.0)
+
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def resolve_attention(
+    attn_implementation: str = "auto", device_type: str = "cpu", config=None, precision: str | None = None
+) -> tuple[str, str]:
     """Pick the attention kernel for packed rows and the matching loader mode.
 
     Args:
-        attn_implementation: one of ``CHOICES``. ``"auto"``: CPU -> ``sdpa`` with a dense block mask; CUDA ->
-            ``flash_attention_2`` when flash-attn is installed (and the model supports it), else ``flex_attention``
-            (the fastest correct option measured, any dtype; its first steps pay a torch.compile) when the model
-            supports it (GPT-2 does not), else ``dsft_varlen`` (bf16/fp16), else ``sdpa`` with the dense mask.
+        attn_implementation: one of ``CHOICES``. ``"auto"`` on CPU -> ``sdpa`` with a dense block mask. On CUDA, the
+            first that this model, precision and installation can train with:
+
+            1. ``flash_attention_2``: flash-attn installed, the model supports it, bf16/fp16 (dropout is fine);
+            2. ``flex_attention`` (fastest measured, any dtype; its first steps pay a torch.compile): the model
+               supports it (GPT-2 does not) and its attention dropout is 0;
+            3. ``dsft_varlen``: bf16/fp16, attention dropout 0, torch has ``varlen_attn``;
+            4. ``sdpa`` with the dense mask (exact, ~2x slower attention), with a warning that says why.
+
+            Micro batch size does not enter: in ``position_ids`` mode the loader sends ``cu_seq_lens_q/k`` and
+            ``max_length_q/k``, which flash-attn and ``dsft_varlen`` honour for any number of rows.
         device_type: ``"cpu"`` or ``"cuda"`` (the device the model trains on).
-        config: the model's ``PretrainedConfig``, to skip kernels its architecture does not support.
+        config: the model's ``PretrainedConfig``: skips kernels its architecture does not support and, where its
+            attention dropout is > 0, kernels without dropout. None: assume both fine.
+        precision: the resolved training precision (``bf16``, ``fp16``, ``fp32``; ``ds_configs.resolve_precision``):
+            flash-attn and ``dsft_varlen`` run fp16/bf16 only. None: not checked.
 
     Returns:
         ``(attn_implementation for from_pretrained, attention mode for build_dataloader)``. In ``position_ids``
         mode call ``configure_model_for_packing(model)`` (use_cache=False), or samples attend to each other.
 
     Raises:
-        ValueError: unknown name, or a kernel that this device or installation cannot run, with what to use instead.
+        ValueError: unknown name or precision, or a kernel that this device, installation, model, precision or
+            attention dropout cannot train with, with what to use instead.
     """
     if attn_implementation not in CHOICES:
         raise ValueError(f"attn_implementation={attn_implementation!r}: expected one of {CHOICES}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS} (resolve 'auto' first)")
     cuda = device_type == "cuda"
+    half = precision != "fp32"
+    dropout = attention_dropout(config)
     if attn_implementation == "auto":
         if not cuda:
             return "sdpa", "mask"
-        if flash_attn_installed() and model_supports(config, "_supports_flash_attn"):
-            attn_implementation = "flash_attention_2"
-        elif model_supports(config, "_supports_flex_attn"):
-            attn_implementation = "flex_attention"
-        elif varlen_available():
-            attn_implementation = DSFT_VARLEN
-        else:
-            return "sdpa", "mask"
+        attn_implementation = _auto_cuda(config, precision, half, dropout)
     if attn_implementation == "sdpa":
         return "sdpa", "mask"
     if attn_implementation == "eager":
         # eager_attention_forward *adds* a prepared 4D mask to the scores, so the loader's bool mask would add 0/1
         # instead of masking; from position-id resets transformers builds eager's own additive block mask.
         return "eager", "position_ids"
-    if attn_implementation == "flash_attention_2" and not (cuda and flash_attn_installed()):
+    _check_forced(attn_implementation, cuda, config, precision, half, dropout)
+    if attn_implementation == DSFT_VARLEN:
+        register_varlen()
+    # flex_attention on CPU runs forward only (torch 2.13 has no CPU backward): allowed for evaluation and tests.
+    return attn_implementation, "position_ids"
+
+
+def _auto_cuda(config, precision: str | None, half: bool, dropout: float) -> str:
+    """``auto`` on CUDA: see ``resolve_attention``."""
+    if half and flash_attn_installed() and model_supports(config, "_supports_flash_attn"):
+        return "flash_attention_2"
+    # A model trained with attention dropout (GPT-2: attn_pdrop=0.1) keeps it: we pick a kernel that applies it
+    # rather than zero it, so the run trains the model its config describes, as on CPU and in HF Trainer. The price
+    # is sdpa's dense mask (4.29 ms vs 1.57-1.96 ms per layer step, see the module docstring).
+    if dropout == 0 and model_supports(config, "_supports_flex_attn"):
+        return "flex_attention"
+    if dropout == 0 and half and varlen_available():
+        return DSFT_VARLEN
+    why = [
+        f"attention dropout {dropout} (flex_attention and dsft_varlen have none)" if dropout else "",
+        f"precision={precision} (flash-attn and dsft_varlen run bf16/fp16 only)" if not half else "",
+        "" if model_supports(config, "_supports_flex_attn") else f"{type(config).__name__} has no flex_attention",
+    ]
+    hint = "" if flash_attn_installed() or not half else "; `pip install flash-attn` makes auto pick it"
+    logger.warning(
+        "attention: auto -> sdpa with a dense block mask (exact, slower) because %s%s",
+        ", ".join(w for w in why if w) or "no packed-row kernel is available",
+        hint,
+    )
+    return "sdpa"
+
+
+def _check_forced(name: str, cuda: bool, config, precision: str | None, half: bool, dropout: float) -> None:
+    """Refuse an explicitly chosen kernel that would fail at load or at the first training step."""
+    if name == "flash_attention_2" and not (cuda and flash_attn_installed()):
         raise ValueError(
             "attn_implementation=flash_attention_2 needs a CUDA device and `pip install flash-attn`; "
             "use 'auto' (flex_attention on CUDA, sdpa on CPU)"
         )
-    if attn_implementation == DSFT_VARLEN:
-        if not (cuda and varlen_available()):
-            raise ValueError(
-                "attn_implementation=dsft_varlen needs CUDA and torch.nn.attention.varlen (torch >= 2.10); "
-                "use 'auto' or 'sdpa'"
-            )
-        register_varlen()
-    # flex_attention on CPU runs forward only (torch 2.13 has no CPU backward): allowed for evaluation and tests.
-    return attn_implementation, "position_ids"
+    if name == DSFT_VARLEN and not (cuda and varlen_available()):
+        raise ValueError(
+            "attn_implementation=dsft_varlen needs CUDA and torch.nn.attention.varlen (torch >= 2.10); "
+            "use 'auto' or 'sdpa'"
+        )
+    model = type(config).__name__
+    if name == "flash_attention_2" and not model_supports(config, "_supports_flash_attn"):
+        raise ValueError(
+            f"attn_implementation=flash_attention_2: transformers' {model} does not support it; use 'auto'"
+        )
+    if name == "flex_attention" and not model_supports(config, "_supports_flex_attn"):
+        raise ValueError(f"attn_implementation=flex_attention: transformers' {model} does not support it; use 'auto'")
+    if name in HALF_PRECISION_ONLY and not half:
+        raise ValueError(
+            f"attn_implementation={name} runs in bf16/fp16 only, not precision={precision}; use precision=bf16 "
+            "(fp16 before Ampere), or attn_implementation=auto (flex_attention or sdpa in fp32)"
+        )
+    if name in NO_DROPOUT and dropout > 0:
+        raise ValueError(
+            f"attn_implementation={name} has no attention dropout, and {model} trains with {dropout}; use "
+            "attn_implementation=auto (flash_attention_2 if installed, else sdpa) or set the model's attention dropout "
+            "to 0 in its config.json"
+        )

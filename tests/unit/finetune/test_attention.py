@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import finetune.attention as attention
 from data_tools.loading.packing import collate_packed
 from finetune.attention import (
     CHOICES,
     DSFT_VARLEN,
+    attention_dropout,
     configure_model_for_packing,
     cu_seqlens_from_position_ids,
     model_supports,
@@ -161,6 +165,110 @@ def test_boundaries_are_recomputed_when_a_tensor_reuses_storage():
     assert cu.tolist() == [0, 6] and max_len == 6
 
 
+# ---------------------------------------------------------------- kernel choice on CUDA (pure logic, tested on CPU)
+
+
+def _config(name):
+    from transformers import GPT2Config, LlamaConfig
+
+    return {
+        "llama": LlamaConfig(),  # attention_dropout 0.0, supports flash and flex
+        "llama-dropout": LlamaConfig(attention_dropout=0.1),
+        "gpt2": GPT2Config(),  # attn_pdrop 0.1, supports flash, not flex
+        "gpt2-no-dropout": GPT2Config(attn_pdrop=0.0),
+    }[name]
+
+
+@pytest.fixture
+def cuda_box(monkeypatch):
+    """Pretend to be a CUDA machine; ``cuda_box(flash=..., varlen=...)`` says what is installed."""
+
+    def setup(flash: bool, varlen: bool = True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(attention, "flash_attn_installed", lambda: flash)
+        monkeypatch.setattr(attention, "varlen_available", lambda: varlen)
+
+    return setup
+
+
+# (model, precision, flash-attn installed, torch varlen_attn available) -> kernel that `auto` picks on CUDA
+AUTO_ON_CUDA = [
+    ("llama", "bf16", True, True, "flash_attention_2"),
+    ("llama", "fp16", True, True, "flash_attention_2"),
+    ("llama", "fp32", True, True, "flex_attention"),  # flash-attn runs fp16/bf16 only
+    ("llama", "bf16", False, True, "flex_attention"),
+    ("llama", "fp32", False, False, "flex_attention"),  # flex takes any dtype
+    ("llama-dropout", "bf16", True, True, "flash_attention_2"),  # flash applies dropout
+    ("llama-dropout", "bf16", False, True, "sdpa"),  # flex and varlen have none
+    ("gpt2", "bf16", True, True, "flash_attention_2"),
+    ("gpt2", "fp16", True, True, "flash_attention_2"),
+    ("gpt2", "fp32", True, True, "sdpa"),
+    ("gpt2", "bf16", False, True, "sdpa"),  # no flex for GPT-2, and attn_pdrop=0.1 rules out dsft_varlen
+    ("gpt2", "fp32", False, True, "sdpa"),
+    ("gpt2-no-dropout", "bf16", False, True, DSFT_VARLEN),
+    ("gpt2-no-dropout", "fp16", False, False, "sdpa"),  # torch without varlen_attn
+    ("gpt2-no-dropout", "fp32", False, True, "sdpa"),  # varlen_attn runs fp16/bf16 only
+]
+
+
+@pytest.mark.parametrize("arch,precision,flash,varlen,expected", AUTO_ON_CUDA)
+def test_auto_on_cuda_picks_a_kernel_the_model_can_train_with(cuda_box, arch, precision, flash, varlen, expected):
+    cuda_box(flash=flash, varlen=varlen)
+    mode = "mask" if expected == "sdpa" else "position_ids"
+    assert resolve_attention("auto", "cuda", config=_config(arch), precision=precision) == (expected, mode)
+    # on CPU auto is sdpa with the dense mask whatever the model
+    assert resolve_attention("auto", "cpu", config=_config(arch), precision=precision) == ("sdpa", "mask")
+
+
+def test_auto_without_the_model_config_would_send_gpt2_to_flex(cuda_box):
+    """The engine bug of issue 16 item 9: without the config every model 'supports' flex, which transformers refuses
+    for GPT-2 at load time; with it, GPT-2 never gets flex."""
+    cuda_box(flash=False)
+    assert resolve_attention("auto", "cuda")[0] == "flex_attention"
+    assert resolve_attention("auto", "cuda", config=_config("gpt2"), precision="bf16")[0] != "flex_attention"
+
+
+def test_the_dense_mask_fallback_on_cuda_says_why(cuda_box, caplog):
+    cuda_box(flash=False)
+    with caplog.at_level(logging.WARNING, logger="finetune.attention"):
+        resolve_attention("auto", "cuda", config=_config("gpt2"), precision="bf16")
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "attention dropout 0.1" in message and "GPT2Config has no flex_attention" in message
+    assert "pip install flash-attn" in message
+
+
+# (forced kernel, model, precision) -> accepted (loader mode) or refused (the ValueError's words)
+FORCED_ON_CUDA = [
+    ("flash_attention_2", "gpt2", "bf16", "position_ids"),  # flash applies GPT-2's dropout
+    ("flash_attention_2", "llama", "fp32", "bf16/fp16 only"),
+    (DSFT_VARLEN, "llama", "bf16", "position_ids"),
+    (DSFT_VARLEN, "llama", "fp32", "bf16/fp16 only"),
+    (DSFT_VARLEN, "gpt2", "bf16", "no attention dropout, and GPT2Config trains with 0.1"),
+    ("flex_attention", "llama", "fp32", "position_ids"),
+    ("flex_attention", "gpt2-no-dropout", "bf16", "GPT2Config does not support it"),
+    ("flex_attention", "llama-dropout", "bf16", "no attention dropout"),
+    ("sdpa", "gpt2", "fp32", "mask"),
+    ("eager", "gpt2", "fp32", "position_ids"),
+]
+
+
+@pytest.mark.parametrize("impl,arch,precision,outcome", FORCED_ON_CUDA)
+def test_a_forced_kernel_is_refused_before_the_model_loads(cuda_box, impl, arch, precision, outcome):
+    cuda_box(flash=True)
+    if outcome in ("mask", "position_ids"):
+        assert resolve_attention(impl, "cuda", config=_config(arch), precision=precision) == (impl, outcome)
+    else:
+        with pytest.raises(ValueError, match=outcome.replace("/", ".")):
+            resolve_attention(impl, "cuda", config=_config(arch), precision=precision)
+
+
+def test_precision_must_be_resolved_and_dropout_is_read_per_architecture():
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        resolve_attention("auto", "cuda", precision="auto")
+    assert attention_dropout(_config("gpt2")) == 0.1 and attention_dropout(_config("llama")) == 0.0
+    assert attention_dropout(None) == 0.0
+
+
 # ---------------------------------------------------------------- variable-length kernels, run on CPU stand-ins
 
 
@@ -275,28 +383,39 @@ def test_dsft_varlen_uses_the_loaders_boundaries(tiny_llama_dir, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["auto", "dsft_varlen", "flex_attention", "sdpa"])
+@pytest.mark.parametrize("impl", ["auto", "flash_attention_2", "dsft_varlen", "flex_attention", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_packed_equals_one_by_one_on_cuda(request, arch, impl):
-    """Same check on a GPU in bf16 (looser tolerance: bf16 rounding, not contamination, which is ~1e-1)."""
+    """Same check on a GPU in bf16, every sample of both rows (micro batch 2, as the engine passes it: ints too),
+    against a plain-causal control that must fail the same tolerance (bf16 rounding ~1e-2, contamination ~1e-1)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
-    if impl == "flex_attention" and arch == "gpt2":
-        pytest.skip("transformers' GPT-2 has no flex_attention support")
-    name, mode = resolve_attention(impl, "cuda", config=AutoConfig.from_pretrained(model_dir))
+    if impl == "flash_attention_2" and not attention.flash_attn_installed():
+        pytest.skip("flash-attn is not installed")
+    try:
+        name, mode = resolve_attention(impl, "cuda", config=AutoConfig.from_pretrained(model_dir), precision="bf16")
+    except ValueError as e:  # e.g. GPT-2 (attn_pdrop=0.1) on dsft_varlen or flex: the refusal is tested on CPU
+        pytest.skip(f"refused by resolve_attention: {e}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=name, dtype=torch.bfloat16)
     model = configure_model_for_packing(model).cuda().eval()
     rows = _rows(model.config.vocab_size)
     batch = collate_packed(rows, SEQ_LEN, pad_id=0, attention=mode)
-    batch = {k: v.cuda() for k, v in batch.items() if torch.is_tensor(v)}
+    batch.pop("num_real_tokens")
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    worst, contamination = 0.0, 0.0
     with torch.no_grad():
-        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-        off = 0
-        for ids, _ in rows[0]:
-            alone = model(input_ids=torch.as_tensor(ids, device="cuda")[None]).logits[0].float()
-            assert (packed[0, off : off + len(ids)] - alone).abs().max() < 5e-2
-            off += len(ids)
+        packed = model(**batch).logits.float()
+        causal = model(input_ids=batch["input_ids"]).logits.float()  # the control: no boundaries at all
+        for r, row in enumerate(rows):
+            off = 0
+            for i, (ids, _) in enumerate(row):
+                alone = model(input_ids=torch.as_tensor(ids, device="cuda")[None]).logits[0].float()
+                worst = max(worst, (packed[r, off : off + len(ids)] - alone).abs().max().item())
+                if i:  # a row's first sample sees nothing before it either way
+                    contamination = max(contamination, (causal[r, off : off + len(ids)] - alone).abs().max().item())
+                off += len(ids)
+    assert worst < 5e-2 < contamination, (worst, contamination)
     # and it trains: the backward pass exists for this kernel on CUDA
     model.train()
     model(**batch).loss.backward()
