@@ -247,6 +247,18 @@ def _detect(sources: list[_Source], text_key: str, on_error: str) -> str:
     raise ConversionError(f"{', '.join(s.path for s in sources)}: no records; nothing to convert")
 
 
+def detect_input_format(inputs: list[str | os.PathLike], text_key: str = "text", on_error: str = "fail") -> str:
+    """What ``--format auto`` would detect for these files (the first record that parses; see :func:`_detect`).
+
+    Raises:
+        ConversionError: a missing file, or no record of a known format (``file:line:`` of the first bad one).
+    """
+    for p in inputs:
+        if not os.path.isfile(p):
+            raise ConversionError(f"{p}: input file not found")
+    return _detect([_Source(p) for p in inputs], text_key, on_error)
+
+
 def _load_tokenizer(tokenizer):
     if not isinstance(tokenizer, str | os.PathLike):
         return tokenizer

@@ -91,10 +91,12 @@ class DataConfig:
     )
     num_workers: int = _f(0, "DataLoader worker processes per rank (the data is mmap'ed ids, 0 is usually enough).")
 
-    @property
-    def sample_max_length(self) -> int:
-        """``data.max_length`` with null resolved: the longest sample the converter keeps."""
-        return self.max_length if self.max_length is not None else self.seq_len
+    def sample_max_length(self, fmt: str) -> int | None:
+        """``data.max_length`` with null resolved for records of ``fmt``: ``data.seq_len`` for SFT samples (a row
+        holds whole samples), no limit for ``text`` (the loader cuts documents into rows without losing a token)."""
+        if self.max_length is not None:
+            return self.max_length
+        return None if fmt == "text" else self.seq_len
 
 
 @dataclass

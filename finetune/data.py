@@ -85,24 +85,30 @@ def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> 
         template = hashlib.sha256(Path(d.chat_template).read_bytes()).hexdigest() if d.chat_template else None
         options = dict(
             fmt=d.format,
-            max_length=d.sample_max_length,
+            max_length=None,  # depends on the format: see DataConfig.sample_max_length
             over_length=d.over_length,
             on_error=d.on_error,
             chat_template=d.chat_template,
         )
         cache_key = "|".join(
-            map(str, (p.resolve(), st.st_size, st.st_mtime_ns, vocab_hash(tokenizer), *options.values(), template))
+            map(
+                str,
+                (p.resolve(), st.st_size, st.st_mtime_ns, vocab_hash(tokenizer), *options.values(), template)
+                + (d.max_length, d.seq_len),
+            )
         )
         cache = Path(d.cache_dir or Path(cfg.output_dir) / "data_cache")
         prefix = cache / f"{p.stem}-{hashlib.sha1(cache_key.encode()).hexdigest()[:12]}"
         error = None
         if dist.is_main():
-            from data_tools.convert import ConversionError, convert, is_conversion_current
+            from data_tools.convert import ConversionError, convert, detect_input_format, is_conversion_current
             from data_tools.formats import FormatError
 
             # The meta is written last by convert(): checking it (not just the .idx) means a conversion killed
             # between its renames is redone instead of trained on.
             try:
+                fmt = d.format if d.format != "auto" else detect_input_format([p], on_error=d.on_error)
+                options.update(fmt=fmt, max_length=d.sample_max_length(fmt))
                 if not is_conversion_current(prefix, [p], tokenizer, **options):
                     cache.mkdir(parents=True, exist_ok=True)
                     print(f"[dsft] converting {p} -> {prefix} (once; cached for later runs)", flush=True)

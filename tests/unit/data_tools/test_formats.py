@@ -11,6 +11,7 @@ from data_tools import formats
 from data_tools.encoding import Encoded, Rejected, SampleEncoder
 from data_tools.templates import CHATML_TEMPLATE
 
+
 def without_generation_tags(template: str) -> str:
     """The same template minus its {% generation %} tags: what the prefix method must get the same masks from."""
     return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)

@@ -93,8 +93,9 @@ def test_batch_plan_comes_from_resolve_batch():
 
 
 def test_data_max_length_null_is_seq_len():
-    assert _cfg("data.seq_len=256").data.sample_max_length == 256
-    assert _cfg("data.seq_len=256", "data.max_length=300").data.sample_max_length == 300
+    assert _cfg("data.seq_len=256").data.sample_max_length("messages") == 256
+    assert _cfg("data.seq_len=256").data.sample_max_length("text") is None  # documents are cut into rows, not lost
+    assert _cfg("data.seq_len=256", "data.max_length=300").data.sample_max_length("text") == 300
     d = _cfg().data
     assert (d.over_length, d.on_error, d.chat_template) == ("truncate", "fail", None)
 

@@ -188,3 +188,17 @@ def test_stop_ids_when_eos_differs_from_the_end_of_turn(tmp_path, tiny_tokenizer
     merged = merge_adapter(adapter, tmp_path / "merged", base=str(tiny_llama_dir))
     assert GenerationConfig.from_pretrained(merged).eos_token_id == [end_of_turn, eos]
     assert AutoTokenizer.from_pretrained(merged).chat_template == serving["chat_template"]
+
+
+def test_raw_text_is_not_truncated_to_seq_len_unless_asked(tmp_path, tiny_tokenizer):
+    """Text documents are cut into rows by the loader without losing a token; only data.max_length truncates them."""
+    from data_tools.indexed import IndexedDataset
+
+    doc = "The quick brown fox jumps over the lazy dog. " * 20
+    src = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": doc}])
+    full = len(tiny_tokenizer(doc)["input_ids"])
+    assert full > 64
+    prefix = resolve_data(str(src), _cfg(tmp_path, "data.seq_len=16"), tiny_tokenizer)
+    assert IndexedDataset(prefix).sizes.tolist() == [full]
+    cut = resolve_data(str(src), _cfg(tmp_path, "data.seq_len=16", "data.max_length=64"), tiny_tokenizer)
+    assert IndexedDataset(cut).sizes.tolist() == [64]
