@@ -38,9 +38,10 @@ import logging
 import torch
 
 from data_tools.loading.packing import varlen_boundaries
+from finetune.config import ATTENTION_CHOICES
 
 DSFT_VARLEN = "dsft_varlen"
-CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", DSFT_VARLEN)
+CHOICES = ATTENTION_CHOICES  # the config's vocabulary, one home: finetune/config.py
 # flash-attn and varlen_attn (which calls the same _flash_attention_forward) take fp16/bf16 only
 HALF_PRECISION_ONLY = ("flash_attention_2", DSFT_VARLEN)
 # transformers' flex_attention_forward raises on dropout > 0, and varlen_attn has no dropout argument

@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+# The attention kernels finetune.attention.resolve_attention knows (dsft_varlen is dsft's varlen_attn kernel).
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "dsft_varlen")
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the dotted key and says what to do."""
@@ -43,7 +46,9 @@ class ModelConfig:
         ("auto", "float32", "bfloat16", "float16"),
     )
     attn_implementation: str = _f(
-        "auto", "Attention kernel: auto | sdpa | eager | flash_attention_2 | flex_attention (auto picks per device)."
+        "auto",
+        "Attention kernel for packed rows; auto picks per device, model and precision (finetune/attention.py).",
+        ATTENTION_CHOICES,
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% more compute.")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model repo (only for repos you trust).")

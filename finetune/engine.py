@@ -23,6 +23,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -85,7 +86,17 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     tokenizer = load_tokenizer(cfg)
-    hf_attn, loader_attn = resolve_attention(cfg.model.attn_implementation, "cuda" if cuda else "cpu")
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    # The kernel depends on the architecture (flex support, attention dropout) and the precision (flash-attn and
+    # dsft_varlen run bf16/fp16 only), so it is chosen once both are known.
+    try:
+        hf_attn, loader_attn = resolve_attention(
+            cfg.model.attn_implementation, "cuda" if cuda else "cpu", config=model_config, precision=precision
+        )
+    except ValueError as e:  # a forced kernel this model, precision or machine cannot run
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation}: {e}") from e
     common = dict(
         seq_len=cfg.data.seq_len,
         micro_batch_size=plan.micro_batch_size,
@@ -103,9 +114,6 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
             f"data.train={cfg.data.train}: no loss mask ({train_src}_loss_mask.idx), so the loss would count prompt "
             "tokens too; convert chat/instruction data (data.format=messages|alpaca|sharegpt) or use full.py for text"
         )
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     eval_src = resolve_data(cfg.data.eval, cfg, tokenizer, "data.eval") if cfg.data.eval else None
     check_sources([train_src, eval_src], tokenizer, model_config.vocab_size)
     # Serve the model as its data taught it: the chat template the data was rendered with goes into final/'s
@@ -176,6 +184,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         )
 
     engine, _, _, _ = deepspeed.initialize(
+        # DeepSpeed binds cuda:LOCAL_RANK unless told the device: wrong where a task sees only its own GPU
+        args=SimpleNamespace(device_rank=dist.cuda_index()) if cuda else None,
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay),
         config=ds_config,
