@@ -325,20 +325,11 @@ def flops_per_token(params: dict[str, int], method: str) -> float:
     raise ValueError(f"flops_per_token: method={method!r}, expected full or lora")
 
 
-def peak_flops(device_name: str | None, precision: str) -> float | None:
-    """Dense peak FLOP/s of one device named ``device_name`` (``torch.cuda.get_device_name``) at ``precision``.
+def peak_flops(device_name: str | None, precision: str, tf32: bool = True) -> float | None:
+    """Dense peak FLOP/s of one device at ``precision``: ``finetune.metrics.peak_flops`` (one table, one lookup)."""
+    from finetune.metrics import peak_flops as lookup
 
-    Uses ``finetune.metrics.PEAK_TFLOPS`` (bf16/fp16 tensor-core peaks; the longest matching name wins, so "H100 PCIe"
-    beats "H100"). None on CPU (``device_name=None``), for an unknown GPU, or for fp32 (the table has no fp32 peak).
-    """
-    from finetune.metrics import PEAK_TFLOPS
-
-    if device_name is None or precision not in ("bf16", "fp16"):
-        return None
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if key in device_name:
-            return PEAK_TFLOPS[key] * 1e12
-    return None
+    return lookup(device_name, precision, tf32)
 
 
 def mfu(tokens_per_s: float, flops_token: float, peak_per_device: float | None, devices: int) -> float | None:

@@ -235,7 +235,10 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                 last = {"step": step, "split": "train", "epoch": loader.epoch, "loss": loss, "lr": lr}
                 last.update(grad_norm=grad_norm, loss_scale=_loss_scale(engine), tokens_per_s=tokens_per_s)
                 last.update(real_tokens=real_tokens, step_time_s=dt)  # exact sums for benchmarks over many steps
-                last.update(mfu=mfu(num_params, tokens_per_s, dist.world_size()), skipped=not engine.was_step_applied())
+                last.update(
+                    mfu=mfu(num_params, tokens_per_s, dist.world_size(), precision, cfg.tf32),
+                    skipped=not engine.was_step_applied(),
+                )
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     metrics.log({**last, **memory_stats()})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")

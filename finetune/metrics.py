@@ -7,46 +7,64 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
 import torch
 
-# Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, TFLOP/s, from the vendors' datasheets. MFU uses the
-# 6·N·tokens/s convention (PaLM, Chowdhery et al. 2022 app. B): forward + backward of every parameter, attention
-# FLOPs not counted; for PEFT methods the frozen base still costs ~4·N, so their MFU is an upper bound.
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "A10G": 125.0,
-    "A10": 125.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
-    "V100": 125.0,
-    "T4": 65.0,
+# Dense (no sparsity) peak per GPU in TFLOP/s, from the vendors' datasheets: (bf16/fp16 tensor cores, TF32 tensor
+# cores, plain FP32). An fp32 run is measured against the TF32 peak when train's `tf32` lets matmuls use it, else
+# against FP32; V100 and T4 have no bf16 or TF32 (their first number is fp16). MFU uses the 6·N·tokens/s convention
+# (PaLM, Chowdhery et al. 2022 app. B): forward + backward of every parameter, attention FLOPs not counted; for PEFT
+# methods the frozen base still costs ~4·N, so their MFU is an upper bound.
+PEAK_TFLOPS: dict[str, tuple[float, float | None, float]] = {
+    "H200": (989.0, 494.5, 66.9),
+    "H100 SXM": (989.0, 494.5, 66.9),
+    "H100 PCIe": (756.0, 378.0, 51.2),
+    "H100 NVL": (835.0, 417.5, 60.0),
+    "H100": (989.0, 494.5, 66.9),
+    "A100": (312.0, 156.0, 19.5),
+    "A10G": (125.0, 62.5, 31.2),
+    "A10": (125.0, 62.5, 31.2),
+    "L40S": (362.0, 183.0, 91.6),
+    "L40": (181.0, 90.5, 90.5),
+    "L4": (121.0, 60.0, 30.3),
+    "RTX 4090": (165.0, 82.6, 82.6),
+    "RTX 3090": (71.0, 35.6, 35.6),
+    "V100": (125.0, None, 15.7),
+    "T4": (65.0, None, 8.1),
 }
 
 
-def peak_flops_per_gpu() -> float | None:
-    """Peak FLOP/s of this rank's GPU from ``PEAK_TFLOPS`` (longest matching name); None on CPU or unknown GPUs."""
-    if not torch.cuda.is_available():
+def peak_flops(device_name: str | None, precision: str, tf32: bool = True) -> float | None:
+    """Dense peak FLOP/s of the GPU called ``device_name`` (``torch.cuda.get_device_name()``) at ``precision``.
+
+    The longest table name that appears in ``device_name`` as a whole word wins ("H100 PCIe" beats "H100", and "L4"
+    does not match an "L40"). None on CPU (``device_name`` None) and for GPUs missing from :data:`PEAK_TFLOPS`.
+    """
+    if device_name is None:
         return None
-    name = torch.cuda.get_device_name()
     for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_TFLOPS[key] * 1e12
+        if re.search(rf"(?<![0-9A-Za-z]){re.escape(key)}(?![0-9A-Za-z])", device_name):
+            half, tf32_peak, fp32_peak = PEAK_TFLOPS[key]
+            if precision in ("bf16", "fp16"):
+                return half * 1e12
+            return (tf32_peak if tf32 and tf32_peak else fp32_peak) * 1e12
     return None
 
 
-def mfu(num_params: int, tokens_per_s: float, world_size: int) -> float | None:
-    """Model FLOPs utilization: 6·N·tokens/s over the summed peak of all ranks (None when the peak is unknown)."""
-    peak = peak_flops_per_gpu()
+def peak_flops_per_gpu(precision: str = "bf16", tf32: bool = True) -> float | None:
+    """:func:`peak_flops` of this rank's GPU; None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return peak_flops(torch.cuda.get_device_name(), precision, tf32)
+
+
+def mfu(num_params: int, tokens_per_s: float, world_size: int, precision: str = "bf16", tf32: bool = True):
+    """Model FLOPs utilization: 6·N·tokens/s over the summed peak of all ranks at the run's precision (None when the
+    peak is unknown)."""
+    peak = peak_flops_per_gpu(precision, tf32)
     if peak is None or tokens_per_s <= 0:
         return None
     return 6.0 * num_params * tokens_per_s / (peak * world_size)

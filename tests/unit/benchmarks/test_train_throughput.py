@@ -85,7 +85,8 @@ def test_flops_and_mfu_arithmetic():
     assert h100 == pytest.approx(989e12)
     assert tt.peak_flops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)  # the longer name wins
     assert tt.peak_flops(None, "bf16") is None  # CPU
-    assert tt.peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None
+    assert tt.peak_flops("NVIDIA H100 80GB HBM3", "fp32") == pytest.approx(494.5e12)  # TF32 tensor cores
+    assert tt.peak_flops("NVIDIA H100 80GB HBM3", "fp32", tf32=False) == pytest.approx(66.9e12)
     assert tt.peak_flops("Some Future GPU", "bf16") is None
     # 42k tokens/s of a 1.1B model on one H100: 6 * 1.03e9 * 42e3 / 989e12 = 26%
     assert tt.mfu(42_000, 6 * 1.0345e9, h100, 1) == pytest.approx(6 * 1.0345e9 * 42_000 / 989e12)

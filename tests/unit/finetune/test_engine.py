@@ -135,3 +135,24 @@ def test_a_nan_step_is_skipped_on_every_zero_stage_and_precision(tiny_llama_dir,
         assert good == {"applied": True, "finite": True}, case
         assert poisoned == {"applied": False, "finite": True}, case
         assert after == {"applied": True, "finite": True}, case
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "tf32", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", True, 989.0),
+        ("NVIDIA H100 80GB HBM3", "fp32", True, 494.5),  # fp32 matmuls run on TF32 tensor cores
+        ("NVIDIA H100 80GB HBM3", "fp32", False, 66.9),
+        ("NVIDIA H100 PCIe", "bf16", True, 756.0),  # the longer name wins
+        ("NVIDIA L40", "bf16", True, 181.0),  # not the L4's 121
+        ("NVIDIA L40S", "bf16", True, 362.0),
+        ("NVIDIA L4", "bf16", True, 121.0),
+        ("Tesla V100-SXM2-32GB", "fp32", True, 15.7),  # no TF32 on Volta
+    ],
+)
+def test_mfu_uses_the_peak_of_the_gpu_and_precision(monkeypatch, name, precision, tf32, tflops):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert mfu(10**9, 1e4, 2, precision, tf32) == pytest.approx(6 * 10**9 * 1e4 / (tflops * 1e12 * 2))
