@@ -43,6 +43,7 @@ class LoaderConfig:
     packing: str = "packed"
     attention: str = "mask"
     num_workers: int = 0
+    pin_memory: bool = False
     shuffle: bool = True
     drop_last: bool = True
     pad_id: int = 0
@@ -131,7 +132,7 @@ class DistributedLoader:
     def _iterate(self, dataset, **kw):
         if self.cfg.num_workers == 0 and not kw.get("sampler"):
             return iter(dataset)
-        return iter(DataLoader(dataset, num_workers=self.cfg.num_workers, **kw))
+        return iter(DataLoader(dataset, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory, **kw))
 
     def state_dict(self) -> dict:
         """Position and everything that fixed the random order; all of it is plain ints and strings."""
@@ -187,6 +188,7 @@ def build_dataloader(
     pad_id: int = 0,
     pack_window: int = 64,
     shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
 ) -> DistributedLoader:
     """Build the loader of one rank.
 
@@ -210,6 +212,8 @@ def build_dataloader(
         pad_id: token id of padding (labels there are -100 whatever it is).
         pack_window: rows the first-fit packer keeps open.
         shuffle_buffer: WebDataset sample shuffle buffer per worker.
+        pin_memory: with ``num_workers`` > 0, batches arrive in page-locked memory, so the engine's
+            ``.to(device, non_blocking=True)`` copies overlap the GPU's work.
 
     Returns:
         A ``DistributedLoader``: iterable of batch dicts (``input_ids``, ``labels``, ``position_ids``,
@@ -225,6 +229,7 @@ def build_dataloader(
         packing=packing,
         attention=attention,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         shuffle=shuffle,
         drop_last=drop_last,
         pad_id=pad_id,

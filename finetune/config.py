@@ -94,7 +94,15 @@ class DataConfig:
     cache_dir: str | None = _f(
         None, "Where raw .jsonl/.json is converted to mmap once; default <output_dir>/data_cache."
     )
-    num_workers: int = _f(0, "DataLoader worker processes per rank (the data is mmap'ed ids, 0 is usually enough).")
+    num_workers: int = _f(
+        -1,
+        "DataLoader worker processes per rank building batches; -1 = auto: 2 on a GPU (the next batches are built, "
+        "in pinned memory, while the GPU computes), 0 on CPU (the ranks already share the cores).",
+    )
+
+    def loader_workers(self, cuda: bool) -> int:
+        """``data.num_workers`` with auto (-1) resolved for the device."""
+        return self.num_workers if self.num_workers >= 0 else (2 if cuda else 0)
 
     def sample_max_length(self, fmt: str) -> int | None:
         """``data.max_length`` with null resolved for records of ``fmt``: ``data.seq_len`` for SFT samples (a row
@@ -123,7 +131,11 @@ class TrainConfig:
     seed: int = _f(42, "Seed for model init (PEFT), data order and dropout.")
     eval_every: int = _f(0, "Evaluate on data.eval every N steps (0 = only at the end).")
     save_every: int = _f(0, "Write a resumable checkpoint every N steps (0 = none).")
-    log_every: int = _f(1, "Write a metrics.jsonl row every N steps.")
+    log_every: int = _f(
+        10,
+        "Write a metrics.jsonl row every N steps (loss = mean over those steps). Each row is the loop's one host "
+        "sync: between rows the GPU never waits for the host.",
+    )
     keep_last: int = _f(2, "Checkpoints kept under output_dir/checkpoints (older ones are pruned).")
     on_save_error: str = _f(
         "stop",
@@ -242,6 +254,8 @@ class Config:
                 raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
         if t.resume not in ("auto", "never") and not Path(t.resume).exists():
             raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint; use auto, never or an existing path")
+        if self.data.num_workers < -1:
+            raise ConfigError(f"data.num_workers={self.data.num_workers}: use -1 (auto) or a count >= 0")
         if self.data.seq_len < 8:
             raise ConfigError(f"data.seq_len={self.data.seq_len} is too short; use >= 8 (typically 512-8192)")
         self._validate_data()

@@ -129,12 +129,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over all ranks in one collective (loss sums, token counts, bad-step flags)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device())
+def all_reduce_sum(values: list[float | torch.Tensor]) -> list[float]:
+    """Sum a few numbers (floats or 0-d tensors) over all ranks in one collective; a host sync."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device()).reshape(()) for v in values])
     if dist.is_available() and dist.is_initialized() and world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def all_reduce_sum_async(t: torch.Tensor):
+    """Start summing ``t`` (on this rank's device) over all ranks in place; returns the handle to ``wait()`` on, or
+    None without a process group. Under NCCL ``wait()`` orders the device stream after the sum: no host sync."""
+    if dist.is_available() and dist.is_initialized() and world_size() > 1:
+        return dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+    return None
 
 
 def broadcast_object(obj):

@@ -105,7 +105,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         seed=cfg.train.seed,
         packing=cfg.packing,
         attention=loader_attn,
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.loader_workers(cuda),
+        pin_memory=cuda,
         pad_id=tokenizer.pad_token_id,
     )
     train_src = resolve_data(cfg.data.train, cfg, tokenizer, "data.train")
@@ -211,7 +212,7 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
 
     watchdog = StepWatchdog(
         cfg.train.step_timeout_s,
-        on_timeout=lambda msg: metrics.close(),
+        on_timeout=lambda msg: metrics.flush(),
         heartbeat_dir=out / "heartbeat",
         ckpt_root=ckpt_root,
     )
@@ -220,28 +221,31 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), desc=cfg.method.name, dynamic_ncols=True)
     batches = _batches(loader)
     last = {"step": step}
+    row = _RowTotals(engine.device)  # device-side sums since the last metrics row: read (one sync) per row
     try:
         with watchdog.guard():  # a peer that died mid-collective -> one report naming it, exit 87
             while step < total_steps:
                 lr = cfg.train.lr * lr_factor(step, total_steps, warmup, cfg.train.lr_scheduler, cfg.train.min_lr_ratio)
-                t0 = time.perf_counter()
-                loss, real_tokens = _train_step(engine, [next(batches) for _ in range(plan.grad_accum)], cfg, plan)
-                dt = time.perf_counter() - t0
+                loss, counts = _train_step(engine, [next(batches) for _ in range(plan.grad_accum)], cfg, plan)
+                row.add(loss, counts)
                 step += 1
-                grad_norm = engine.get_global_grad_norm()
-                grad_norm = float(grad_norm) if grad_norm is not None else None
-                bad_streak = _check_finite(loss, grad_norm, engine, bad_streak, cfg, precision, step)
-                tokens_per_s = real_tokens / dt
-                last = {"step": step, "split": "train", "epoch": loader.epoch, "loss": loss, "lr": lr}
-                last.update(grad_norm=grad_norm, loss_scale=_loss_scale(engine), tokens_per_s=tokens_per_s)
-                last.update(real_tokens=real_tokens, step_time_s=dt)  # exact sums for benchmarks over many steps
-                last.update(
-                    mfu=mfu(num_params, tokens_per_s, dist.world_size(), precision, cfg.tf32),
-                    skipped=not engine.was_step_applied(),
-                )
+                # DeepSpeed skipped the step when its gradients were not finite: a host flag it computed anyway
+                bad_streak = _count_bad_step(engine.was_step_applied(), engine, bad_streak, cfg, precision, step)
                 if step % cfg.train.log_every == 0 or step == total_steps:
+                    mean_loss, real_tokens, dt, steps = row.read(plan.world_size * plan.grad_accum)
+                    grad_norm = engine.get_global_grad_norm()
+                    grad_norm = float(grad_norm) if grad_norm is not None else None
+                    tokens_per_s = real_tokens / dt
+                    last = {"step": step, "split": "train", "epoch": loader.epoch, "loss": mean_loss, "lr": lr}
+                    last.update(grad_norm=grad_norm, loss_scale=_loss_scale(engine), tokens_per_s=tokens_per_s)
+                    # exact sums over the row's `steps` steps, for benchmarks over many rows
+                    last.update(real_tokens=real_tokens, step_time_s=dt, steps=steps)
+                    last.update(
+                        mfu=mfu(num_params, tokens_per_s, dist.world_size(), precision, cfg.tf32),
+                        skipped=not engine.was_step_applied(),
+                    )
                     metrics.log({**last, **memory_stats()})
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 bar.update(1)
                 watchdog.beat(step)
                 if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
@@ -254,6 +258,7 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                         "loader": loader.state_dict(),
                         "config": to_dict(cfg),
                     }
+                    metrics.flush()  # the rows up to a checkpoint survive a crash with it
                     try:
                         watchdog.note_checkpoint(save_checkpoint(engine, ckpt_root, step, state, cfg.train.keep_last))
                     except CheckpointError as e:  # raised on every rank alike; previous checkpoint left intact
@@ -301,25 +306,67 @@ def _target_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())  # causal LM: position t predicts label t+1
 
 
-def _train_step(engine, micro_batches: list[dict], cfg: Config, plan) -> tuple[float, int]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (mean target-token loss over all ranks, real
-    tokens of all ranks)."""
-    n_local = sum(_target_tokens(b) for b in micro_batches)
-    (n_global,) = dist.all_reduce_sum([n_local])
+def _train_step(engine, micro_batches: list[dict], cfg: Config, plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches, without waiting on the device.
+
+    Returns device tensors: this rank's share of the step's mean target-token loss (summed over ranks and divided by
+    ``world_size x grad_accum`` it is the mean; see the module docstring), and ``[target tokens, real tokens]`` of
+    the step over all ranks. The token counts come from the batches on the host; their all-reduce is started before
+    the first forward and only waited on (on the device's stream under NCCL) when the first loss is scaled, so it
+    overlaps the forward instead of blocking the host.
+    """
     scale = plan.world_size * plan.grad_accum
-    # see the module docstring: the step's gradient is that of sum(token losses) / n_global
-    num_items = torch.tensor(max(n_global, 1.0) / scale, device=engine.device)
+    counts = torch.tensor(
+        [sum(_target_tokens(b) for b in micro_batches), sum(int(b.get("num_real_tokens", 0)) for b in micro_batches)],
+        dtype=torch.float64,
+    ).to(engine.device, non_blocking=True)
+    pending = dist.all_reduce_sum_async(counts)
+    one = torch.ones((), device=engine.device)
     engine.train()
-    loss_sum, real_tokens = torch.zeros((), device=engine.device, dtype=torch.float64), 0
+    loss_sum = torch.zeros((), device=engine.device, dtype=torch.float64)
+    weight = None
     for batch in micro_batches:
-        kwargs, real = _forward_kwargs(batch, cfg, engine.device)
-        loss = engine(**kwargs, num_items_in_batch=num_items).loss
+        kwargs, _ = _forward_kwargs(batch, cfg, engine.device)
+        summed = engine(**kwargs, num_items_in_batch=one).loss  # the sum of this micro-batch's token losses
+        if weight is None:
+            if pending is not None:
+                pending.wait()
+            weight = scale / counts[0].clamp(min=1.0)  # the step's gradient is that of sum(token losses) / n_global
+        loss = summed * weight.to(summed.dtype)
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach().double()
-        real_tokens += real
-    total, real_total = dist.all_reduce_sum([float(loss_sum), real_tokens])
-    return total / scale, int(real_total)
+    return loss_sum, counts
+
+
+class _RowTotals:
+    """What one ``metrics.jsonl`` row reports, summed on the device over the steps since the previous row.
+
+    Reading it (:meth:`read`) is the loop's one host sync and its one loss all-reduce per row, so with
+    ``train.log_every`` N the other N-1 steps queue work on the GPU without waiting for it.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.counts = torch.zeros(2, device=self.device, dtype=torch.float64)
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, counts: torch.Tensor) -> None:
+        self.loss += loss
+        self.counts += counts
+        self.steps += 1
+
+    def read(self, scale: int) -> tuple[float, int, float, int]:
+        """(mean step loss over all ranks, real tokens of all ranks, seconds, steps) since the last read."""
+        (loss,) = dist.all_reduce_sum([self.loss])  # counts are all-reduced already, every step
+        real, seconds, steps = int(self.counts[1]), time.perf_counter() - self.t0, self.steps
+        self._reset()
+        return loss / scale / steps, real, seconds, steps
 
 
 def _loss_scale(engine) -> float | None:
@@ -352,20 +399,24 @@ def skip_non_finite_steps(engine) -> None:
     optimizer.step = guarded_step
 
 
-def _check_finite(loss, grad_norm, engine, bad_streak: int, cfg: Config, precision: str, step: int) -> int:
-    """Count consecutive non-finite steps; abort with a diagnosis after ``train.max_bad_steps`` in a row.
+def _count_bad_step(applied: bool, engine, bad_streak: int, cfg: Config, precision: str, step: int) -> int:
+    """Count consecutive skipped (non-finite) steps; abort with a diagnosis after ``train.max_bad_steps`` in a row.
 
-    fp16 overflows while the dynamic loss scale is still calibrating are normal (DeepSpeed skips those steps and
-    halves the scale); they only count once the scale has reached its floor.
+    ``applied`` is ``engine.was_step_applied()``: DeepSpeed skips a step whose gradients hold inf/NaN (a NaN loss
+    gives NaN gradients), on every stage and precision (ZeRO-0 fp32 through :func:`skip_non_finite_steps`). fp16
+    overflows while the dynamic loss scale is still calibrating are normal and only count once the scale is at 1.
     """
-    grad_bad = grad_norm is not None and not math.isfinite(grad_norm)
-    if precision == "fp16" and math.isfinite(loss) and grad_bad and (_loss_scale(engine) or 0) > 1:
-        return bad_streak
-    if math.isfinite(loss) and not grad_bad:
+    if applied:
         return 0
+    if precision == "fp16" and (_loss_scale(engine) or 0) > 1:
+        return bad_streak
     bad_streak += 1
+    grad_norm = engine.get_global_grad_norm()
     if dist.is_main():
-        print(f"[dsft] step {step}: non-finite loss={loss} grad_norm={grad_norm} ({bad_streak} in a row)", flush=True)
+        print(
+            f"[dsft] step {step}: skipped, non-finite loss or gradients (grad_norm={grad_norm}, {bad_streak} in a row)",
+            flush=True,
+        )
     if bad_streak >= cfg.train.max_bad_steps:
         if precision == "fp16":
             hint = "fp16 overflow with the loss scale at its floor: use precision=bf16 (same range as fp32)"

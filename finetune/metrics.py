@@ -85,6 +85,11 @@ def memory_stats() -> dict:
         return {}
 
 
+# Rows reach the disk at most this many seconds late (and at every flush(): checkpoints, evaluation, the end). A flush
+# per row costs a write syscall and a TensorBoard event-file flush on every step of a fast run.
+FLUSH_S = 10.0
+
+
 class MetricsLogger:
     """Append per-step rows to ``metrics.jsonl`` and TensorBoard; draw ``loss.png`` on demand.
 
@@ -99,6 +104,8 @@ class MetricsLogger:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / "metrics.jsonl"
         self._tb = None
+        self._file = None
+        self._flushed = time.monotonic()
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -107,14 +114,14 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+        self._file = self.path.open("a")
 
     def log(self, row: dict) -> None:
         """Write one row (must hold ``step``); numbers also go to TensorBoard as ``<split>/<key>``."""
         if not self.enabled:
             return
         row = {"time": time.time(), **row}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+        self._file.write(json.dumps(row, default=float) + "\n")
         split = row.get("split", "train")
         if "source" in row:  # data rows: one per source (data/data.train/truncated, data/data.eval/truncated)
             split = f"{split}/{row['source']}"
@@ -122,12 +129,22 @@ class MetricsLogger:
             if k not in ("step", "time", "split") and isinstance(v, int | float) and not isinstance(v, bool):
                 if v is not None and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, row["step"])
-        self._tb.flush()
+        if time.monotonic() - self._flushed > FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows to ``metrics.jsonl`` and TensorBoard now."""
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        self._flushed = time.monotonic()
 
     def plot(self) -> Path | None:
         """Draw train and eval loss against step into ``loss.png`` (matplotlib, headless Agg backend)."""
         if not self.enabled or not self.path.exists():
             return None
+        self.flush()
         import matplotlib
 
         matplotlib.use("Agg")
@@ -152,7 +169,10 @@ class MetricsLogger:
         return out
 
     def close(self) -> None:
-        """Flush and close TensorBoard."""
+        """Flush and close ``metrics.jsonl`` and TensorBoard."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

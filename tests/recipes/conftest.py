@@ -83,6 +83,7 @@ def recipe_cmd(
         "train.warmup=2",
         "train.save_every=0",
         "model.gradient_checkpointing=false",
+        "train.log_every=1",  # a loss per step, for the curve comparisons
         *overrides,
     ]
 

@@ -42,6 +42,7 @@ def recipe_args(model_dir: Path, data: str, out: Path, *overrides: str) -> list[
         "train.warmup=0",
         "precision=fp32",
         "data.num_workers=0",
+        "train.log_every=1",  # a loss per step, compared across the fault and the reference
         *overrides,
     ]
 

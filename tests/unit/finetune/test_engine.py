@@ -7,7 +7,7 @@ import json
 import pytest
 
 from finetune.config import load_config
-from finetune.engine import TrainingAborted, _check_finite
+from finetune.engine import TrainingAborted, _count_bad_step
 from finetune.metrics import MetricsLogger, mfu
 
 NAN = float("nan")
@@ -25,29 +25,32 @@ class _Engine:
     def fp16_enabled(self) -> bool:
         return self._fp16
 
+    def get_global_grad_norm(self) -> float:
+        return NAN
+
 
 def _cfg(**train):
     return load_config(None, [f"train.{k}={v}" for k, v in train.items()])
 
 
-def test_non_finite_steps_count_then_abort_with_lr_hint():
+def test_skipped_steps_count_then_abort_with_lr_hint():
     cfg, engine = _cfg(max_bad_steps=3, lr=0.5), _Engine()
-    streak = _check_finite(NAN, 1.0, engine, 0, cfg, "fp32", 1)
-    streak = _check_finite(1.0, float("inf"), engine, streak, cfg, "fp32", 2)
+    streak = _count_bad_step(False, engine, 0, cfg, "fp32", 1)
+    streak = _count_bad_step(False, engine, streak, cfg, "fp32", 2)
     assert streak == 2
-    assert _check_finite(1.0, 0.5, engine, streak, cfg, "fp32", 3) == 0  # a good step resets the streak
+    assert _count_bad_step(True, engine, streak, cfg, "fp32", 3) == 0  # an applied step resets the streak
     streak = 0
     for step in (4, 5):
-        streak = _check_finite(NAN, None, engine, streak, cfg, "bf16", step)
+        streak = _count_bad_step(False, engine, streak, cfg, "bf16", step)
     with pytest.raises(TrainingAborted, match=r"3 consecutive.*train.lr=0.5"):
-        _check_finite(NAN, None, engine, streak, cfg, "bf16", 6)
+        _count_bad_step(False, engine, streak, cfg, "bf16", 6)
 
 
 def test_fp16_overflow_only_counts_at_the_loss_scale_floor():
     cfg = _cfg(max_bad_steps=1)
-    assert _check_finite(2.0, float("inf"), _Engine(fp16=True, scale=2.0**15), 0, cfg, "fp16", 1) == 0
+    assert _count_bad_step(False, _Engine(fp16=True, scale=2.0**15), 0, cfg, "fp16", 1) == 0
     with pytest.raises(TrainingAborted, match="precision=bf16"):
-        _check_finite(2.0, float("inf"), _Engine(fp16=True, scale=1.0), 0, cfg, "fp16", 2)
+        _count_bad_step(False, _Engine(fp16=True, scale=1.0), 0, cfg, "fp16", 2)
 
 
 def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
