@@ -44,6 +44,7 @@ class LoaderConfig:
     attention: str = "mask"
     num_workers: int = 0
     pin_memory: bool = False
+    pad_multiple: int = 1
     shuffle: bool = True
     drop_last: bool = True
     pad_id: int = 0
@@ -59,6 +60,8 @@ class LoaderConfig:
             raise ValueError(f"loader: seq_len={self.seq_len} must be >= 2, micro_batch_size >= 1")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"loader: rank={self.rank} is not in [0, world_size={self.world_size})")
+        if self.pad_multiple < 1:
+            raise ValueError(f"loader: pad_multiple={self.pad_multiple} must be >= 1")
         if self.num_workers < 0:
             raise ValueError(f"loader: num_workers={self.num_workers} must be >= 0")
 
@@ -189,6 +192,7 @@ def build_dataloader(
     pack_window: int = 64,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
+    pad_multiple: int = 1,
 ) -> DistributedLoader:
     """Build the loader of one rank.
 
@@ -214,6 +218,8 @@ def build_dataloader(
         shuffle_buffer: WebDataset sample shuffle buffer per worker.
         pin_memory: with ``num_workers`` > 0, batches arrive in page-locked memory, so the engine's
             ``.to(device, non_blocking=True)`` copies overlap the GPU's work.
+        pad_multiple: padding/bucket modes: pad each batch's length up to a multiple of this (at most ``seq_len``), so
+            compiled kernels see few distinct shapes.
 
     Returns:
         A ``DistributedLoader``: iterable of batch dicts (``input_ids``, ``labels``, ``position_ids``,
@@ -230,6 +236,7 @@ def build_dataloader(
         attention=attention,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        pad_multiple=pad_multiple,
         shuffle=shuffle,
         drop_last=drop_last,
         pad_id=pad_id,

@@ -448,6 +448,14 @@ def activation_bytes(
     return {"layers": int(layers), "logits": int(logits)}
 
 
+def dense_mask_bytes(*, seq_len: int, micro_batch: int, precision: str = "bf16") -> int:
+    """A dense block-diagonal mask for one micro batch: the loader's bool (B, 1, T, T) and the additive float mask
+    of the training dtype SDPA turns it into (kept for backward): ``B·T²·(1 + e)`` bytes (e = 2, fp32: 4).
+    At T = 8192 that is 201 MB per row in bf16: why GPUs take the position-id kernels when one fits."""
+    e = 4 if precision == "fp32" else 2
+    return micro_batch * seq_len * seq_len * (1 + e)
+
+
 def buffer_bytes(shape: ModelShape, *, zero_stage: int, trainable: int, method: MethodSpec) -> int:
     """Communication buckets and QLoRA dequantisation scratch, per GPU (bucket sizes as build.render_ds_config)."""
     h = shape.hidden_size
@@ -506,8 +514,12 @@ def estimate(
     micro_batch: int,
     gradient_checkpointing: bool = True,
     precision: str = "bf16",
+    dense_mask: bool = False,
 ) -> Estimate:
     """Estimate GPU (per GPU), CPU (per node) and NVMe (per node) bytes for one configuration.
+
+    ``dense_mask``: packed rows reach the kernel as a dense (B, 1, T, T) block mask (SDPA: CPU, or a GPU fallback when
+    no varlen kernel fits the model and precision, see ``finetune.attention``): counted in ``activations``.
 
     Raises:
         ValueError: an impossible combination (parameter offload below stage 3, NVMe below stage 3 …).
@@ -537,17 +549,19 @@ def estimate(
         load_bytes_per_param=4 if method.name == "full" else 2,
     )
     if method.name == "qlora" and zero_stage == 3:
-        # bitsandbytes does not load under zero.Init: each rank places the whole quantised base on its GPU (and
-        # prepare_model_for_kbit_training upcasts the rest to fp32) before deepspeed.initialize partitions it.
-        load_peak = _qlora_base_bytes(shape, method.quant_bits, rest_bytes=4)
+        # bitsandbytes does not load under zero.Init: each rank places the whole quantised base on its GPU (the
+        # rest in the training dtype: finetune/methods/lora.py does not upcast it) before deepspeed.initialize
+        # partitions it.
+        load_peak = _qlora_base_bytes(shape, method.quant_bits, rest_bytes=4 if precision == "fp32" else 2)
         states = ModelStates(gpu=max(states.gpu, int(load_peak)), cpu=states.cpu, nvme=states.nvme)
     seq = seq_len + (method.virtual_tokens if method.name == "prompt_tuning" else 0)
     acts = activation_bytes(
         shape, seq_len=seq, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, precision=precision
     )
+    mask = dense_mask_bytes(seq_len=seq, micro_batch=micro_batch, precision=precision) if dense_mask else 0
     parts = {
         "model_states": states.gpu,
-        "activations": acts["layers"],
+        "activations": acts["layers"] + mask,
         "logits": acts["logits"],
         "buffers": buffer_bytes(shape, zero_stage=zero_stage, trainable=trainable, method=method),
     }

@@ -107,6 +107,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         attention=loader_attn,
         num_workers=cfg.data.loader_workers(cuda),
         pin_memory=cuda,
+        # padded batches: at most seq_len/64 distinct lengths for flex's compile cache, full tensor-core tiles
+        pad_multiple=64 if cuda else 1,
         pad_id=tokenizer.pad_token_id,
     )
     train_src = resolve_data(cfg.data.train, cfg, tokenizer, "data.train")

@@ -221,7 +221,7 @@ class PlanBatches(Dataset):
         if cfg.packing == "packed":
             rows = [[self._sample(i) for i in row] for row in batch]
             return collate_packed(rows, t, cfg.pad_id, cfg.attention)
-        return collate_padded([self._sample(i) for i in batch], cfg.pad_id)
+        return collate_padded([self._sample(i) for i in batch], cfg.pad_id, cfg.pad_multiple, cfg.seq_len)
 
     def _sample(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample of plan entry ``i``; a repeat gets an all-zero loss mask (no targets)."""

@@ -207,9 +207,17 @@ def _finish(input_ids, labels, position_ids, real: int, attention: str) -> dict:
     return batch
 
 
-def collate_padded(samples: list[tuple[np.ndarray, np.ndarray | None]], pad_id: int) -> dict:
-    """Samples (each already <= seq_len) -> a batch padded to the longest one, with a 2D 0/1 attention mask."""
+def collate_padded(
+    samples: list[tuple[np.ndarray, np.ndarray | None]], pad_id: int, multiple: int = 1, cap: int | None = None
+) -> dict:
+    """Samples (each already <= seq_len) -> a batch padded to the longest one, rounded up to ``multiple`` (at most
+    ``cap``), with a 2D 0/1 attention mask.
+
+    Rounding bounds the distinct batch shapes: a compiled kernel (FlexAttention, torch.compile) recompiles for every
+    new length, and on a GPU multiples of 64 also keep the matmuls on full tensor-core tiles.
+    """
     b, t = len(samples), max(len(s[0]) for s in samples)
+    t = max(t, min(-(-t // multiple) * multiple, cap if cap is not None else t + multiple))
     input_ids = np.full((b, t), pad_id, dtype=np.int64)
     labels = np.full((b, t), IGNORE_INDEX, dtype=np.int64)
     attention_mask = np.zeros((b, t), dtype=np.int64)

@@ -281,7 +281,8 @@ class WebDatasetStream(IterableDataset):
                 group.sort(key=lambda s: -len(s[0]))
                 batches = [group[i : i + b] for i in range(0, len(group), b)]
                 for k in rng.permutation(len(batches)):
-                    yield self._count(collate_padded(batches[k], cfg.pad_id))
+                    yield self._count(collate_padded(batches[k], cfg.pad_id, cfg.pad_multiple, cfg.seq_len))
         else:
             while True:
-                yield self._count(collate_padded([self._clip(*next(samples)[1:]) for _ in range(b)], cfg.pad_id))
+                rows = [self._clip(*next(samples)[1:]) for _ in range(b)]
+                yield self._count(collate_padded(rows, cfg.pad_id, cfg.pad_multiple, cfg.seq_len))

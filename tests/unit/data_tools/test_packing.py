@@ -83,3 +83,16 @@ def test_every_loader_batch_carries_its_boundaries(sources, which, micro_batch_s
         _assert_boundaries_match(batch)
         n += 1
     assert n >= 3
+
+
+def test_padded_batches_round_their_length_up_to_the_multiple_within_seq_len():
+    import numpy as np
+
+    from data_tools.loading.packing import IGNORE_INDEX, collate_padded
+
+    samples = [(np.arange(5) + 10, None), (np.arange(13) + 10, None)]
+    assert collate_padded(samples, 0)["input_ids"].shape == (2, 13)
+    batch = collate_padded(samples, 0, multiple=8, cap=32)
+    assert batch["input_ids"].shape == (2, 16) and batch["num_real_tokens"] == 18
+    assert (batch["labels"][:, 13:] == IGNORE_INDEX).all() and (batch["attention_mask"][:, 13:] == 0).all()
+    assert collate_padded(samples, 0, multiple=8, cap=14)["input_ids"].shape == (2, 14)  # never past seq_len
