@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.dsft-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint format bench demo clean
+.PHONY: install test test-all gpu-check lint format bench demo clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU: every `gpu` test (packed == one-by-one per kernel at micro batch 2, fp16 loss
+# scaling, TF32, QLoRA on CUDA, predicted vs measured memory), then the 1.1B throughput table and the memory check.
+gpu-check: $(STAMP)
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA GPU')"
+	$(PY) -m pytest -m gpu -rs --durations=15 $(PYTEST_ARGS)
+	$(PY) -m benchmarks.train_throughput --size 1b
+	$(PY) -m benchmarks.memory_prediction
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
