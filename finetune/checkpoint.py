@@ -18,12 +18,20 @@ skips, so a truncated or bit-flipped shard falls back to the previous checkpoint
 The checkpoint directory must be on a filesystem every rank sees (DeepSpeed's default): rank 0 lists and hashes the
 files the other ranks wrote.
 
+Rank 0 alone reads a checkpoint back, once: at save it hashes and fsyncs every file for the manifest; at resume
+:func:`find_resume_checkpoint` and :func:`load_checkpoint` verify on rank 0 and give every rank the verdict. The other
+ranks do no I/O meanwhile; they wait on a gloo group kept for these messages (:func:`_from_rank0`), with a timeout
+sized for the bytes rank 0 reads (:func:`rank0_io_timeout_s`), not the collective timeout: an NCCL collective that
+outlasts ``train.collective_timeout_s`` is torn down by torch, and hashing 100 GB on shared storage can take that
+long.
+
 All ``torch.load`` calls here use ``weights_only=True``; the per-rank RNG file holds tensors plus python/numpy states
 in JSON-able form (lists of ints) so it loads under that restriction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -34,15 +42,21 @@ import re
 import shutil
 import time
 import traceback
+import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
 from finetune import distributed as dist
 from finetune.watchdog import is_peer_loss
+
+if TYPE_CHECKING:
+    from finetune.watchdog import StepWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +66,12 @@ MANIFEST_FORMAT = 1
 _STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
 _PARTIAL_SUFFIX = ".partial"
 _HASH_CHUNK = 8 << 20  # 8 MiB reads: large enough that hashlib releases the GIL and threads hash in parallel
+#: Read rate assumed for rank 0 reading a checkpoint back (sha256 + fsync) while the other ranks wait: half of what an
+#: NFS mount over 1 GbE delivers (~110 MB/s). Local NVMe, Lustre or GPFS are 10-100x faster; the wait ends as soon as
+#: rank 0 is done, so a slow guess costs nothing unless rank 0 hangs, and the step watchdog bounds that case.
+SLOW_STORAGE_BYTES_PER_S = 50e6
+#: The shortest such wait, for small checkpoints: listing, opening and fsyncing files on a busy shared filesystem.
+MIN_RANK0_IO_WAIT_S = 600.0
 
 
 class CheckpointError(RuntimeError):
@@ -63,9 +83,89 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def rank0_io_timeout_s(nbytes: int) -> float:
+    """Seconds the other ranks wait for rank 0 to read ``nbytes`` of checkpoint back (hash, fsync).
+
+    ``nbytes`` at :data:`SLOW_STORAGE_BYTES_PER_S`, at least :data:`MIN_RANK0_IO_WAIT_S`: 100 GB (a full 7B
+    ZeRO-2 run) gets 2000 s.
+    """
+    return max(MIN_RANK0_IO_WAIT_S, nbytes / SLOW_STORAGE_BYTES_PER_S)
+
+
 def _any_rank_failed(failed: bool) -> bool:
     """Collective: True on every rank when at least one rank passes ``failed=True`` (also acts as a barrier)."""
     return dist.all_reduce_sum([1.0 if failed else 0.0])[0] > 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# rank 0 does the I/O, the others wait for its answer
+# --------------------------------------------------------------------------------------------------------------------
+_T = TypeVar("_T")
+# (default process group, the gloo group made for it), held weakly: torch's registry keeps both alive until
+# destroy_process_group, which must free them while the interpreter runs; a gloo group still referenced here and
+# freed at interpreter exit aborts the process ("terminate called without an active exception", 1 run in 8).
+_control: tuple[weakref.ref, weakref.ref] | None = None
+
+
+def _control_group() -> Any:
+    """The gloo group that carries rank 0's answers to the other ranks (created on first use, by every rank).
+
+    Why gloo, whatever the training backend: its barrier honours a per-call ``timeout`` longer than the group's
+    (checked in ``tests/reliability/test_rank0_verify.py``), on CPU, so a wait sized for rank 0's I/O needs neither a
+    GPU kernel nor NCCL's timeout. Why not polling a file that rank 0 writes: a rank 0 that dies closes its sockets and
+    the wait fails at once as a peer loss, and no shared-filesystem cache can delay the answer. The group needs a
+    TCP route between the hosts (``GLOO_SOCKET_IFNAME`` picks the interface), like the rendezvous does.
+    Every save and load is collective, so every rank reaches the first call at the same point (``new_group`` is
+    collective).
+    """
+    global _control
+    import torch.distributed as tdist
+
+    world = tdist.group.WORLD
+    group = _control[1]() if _control is not None and _control[0]() is world else None
+    if group is None:
+        group = tdist.new_group(backend="gloo")
+        _control = (weakref.ref(world), weakref.ref(group))
+    return group
+
+
+def _from_rank0(obj: Any, timeout_s: float | None = None) -> Any:
+    """Collective: rank 0's ``obj`` on every rank, through :func:`_control_group`.
+
+    With ``timeout_s`` the ranks first wait up to that long for rank 0 to arrive (a gloo barrier; rank 0 arrives when
+    its work is done); without, the group's default timeout applies (for answers that are ready at once).
+    """
+    if dist.world_size() == 1:
+        return obj
+    import torch.distributed as tdist
+
+    group = _control_group()
+    if timeout_s is not None:
+        tdist.barrier(group=group, timeout=timedelta(seconds=timeout_s))
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _on_rank0(what: str, nbytes: Callable[[], int], task: Callable[[], _T], watchdog: StepWatchdog | None = None) -> _T:
+    """Collective: run ``task`` on rank 0 only and return its result on every rank.
+
+    ``nbytes`` (rank 0) says how much ``task`` reads; the other ranks wait :func:`rank0_io_timeout_s` of it, and so
+    does ``watchdog`` (:meth:`StepWatchdog.allow`) on every rank. ``task`` reports expected failures in its result;
+    an exception from it propagates on rank 0, and when that ends the process the others' wait fails as a peer loss.
+    """
+    rank0 = dist.rank() == 0
+    size = 0
+    if rank0:
+        try:
+            size = nbytes()
+        except OSError as e:  # the task meets the same error and reports it; only the wait's size is unknown
+            logger.warning("%s: cannot size the files to read (%s); waiting the minimum", what, e)
+    size = _from_rank0(size)
+    timeout_s = rank0_io_timeout_s(size)
+    with watchdog.allow(timeout_s, what) if watchdog is not None else contextlib.nullcontext():
+        result = task() if rank0 else None
+        return _from_rank0(result, timeout_s)
 
 
 def _dsft_version() -> str:
@@ -129,6 +229,19 @@ def _hash_threads() -> int:
 
 def _list_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def _dir_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in _list_files(root))
+
+
+def _manifest_bytes(step_dir: Path) -> int:
+    """Bytes a checkpoint's manifest lists (0 when it has no readable manifest: verifying it then reads nothing)."""
+    try:
+        files = json.loads((step_dir / MANIFEST_NAME).read_text())["files"]
+        return sum(int(meta["size"]) for meta in files.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
 
 
 def _remove_dir(path: Path) -> None:
@@ -261,12 +374,14 @@ def save_checkpoint(
     step: int,
     client_state: dict[str, Any],
     keep_last: int = 2,
+    watchdog: StepWatchdog | None = None,
 ) -> Path:
     """Collective: write a complete, verified checkpoint for ``step`` and point ``ckpt_root/latest`` at it.
 
     Every rank must call this. DeepSpeed writes its shards into ``step_XXXXXXXX.partial``; each rank adds its RNG
-    state; after a barrier global rank 0 writes the manifest last, renames the directory to its final name,
-    atomically replaces ``latest`` and prunes old checkpoints.
+    state; after a barrier global rank 0 hashes and fsyncs every file, writes the manifest last, renames the directory
+    to its final name, atomically replaces ``latest`` and prunes old checkpoints, while the other ranks wait for its
+    verdict with a timeout sized for that I/O (:func:`_on_rank0`).
 
     Args:
         engine: The ``deepspeed.DeepSpeedEngine``.
@@ -274,6 +389,8 @@ def save_checkpoint(
         step: Optimizer step just completed; names the directory.
         client_state: Extra state to store (data-loader position, config...), returned by :func:`load_checkpoint`.
         keep_last: How many complete checkpoints to keep (the new one included; at least 1).
+        watchdog: The run's step watchdog: given the same allowance while rank 0 hashes, so it does not fire on a
+            long but healthy save.
 
     Returns:
         The final checkpoint directory, ``ckpt_root/step_XXXXXXXX``.
@@ -326,7 +443,7 @@ def save_checkpoint(
             f"and {root / LATEST_NAME} are unchanged. Free disk space under {root} (or lower keep_last) and resume."
         )
 
-    if rank == 0:
+    def finalize() -> str | None:  # rank 0: the error text, or None when the checkpoint is complete
         try:
             _write_manifest(partial, step, world)
             if final.exists():
@@ -337,23 +454,27 @@ def save_checkpoint(
             _fsync_dir(root)
             _write_atomic(root / LATEST_NAME, final.name.encode())
         except OSError as e:
-            error = _detach(e, f"rank 0: could not finalize {partial}")
-    if _any_rank_failed(error is not None):
-        _abort_partial(partial, rank)
-        raise CheckpointError(
-            f"finalizing checkpoint {final} failed on rank 0: {error or 'see rank 0 log'}. The previous checkpoint "
-            f"is intact; free disk space under {root} and resume."
-        )
-
-    if rank == 0:
+            failure = _detach(e, f"rank 0: could not finalize {partial}")
+            if partial.exists():
+                try:
+                    _remove_dir(partial)
+                except OSError as e2:  # safe to leave: the loader ignores *.partial
+                    logger.warning("%s: could not remove partial checkpoint after a failed save: %s", partial, e2)
+            return failure
         try:
             _prune(root, step, keep_last)
         except OSError as e:
-            # The new checkpoint is complete and `latest` names it; a failed clean-up must not fail the save or
-            # leave the other ranks waiting in the barrier below.
+            # The new checkpoint is complete and `latest` names it; a failed clean-up must not fail the save.
             logger.warning("%s: pruning old checkpoints failed: %s", root, e)
         logger.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
-    dist.barrier()
+        return None
+
+    error = _on_rank0(f"rank 0 hashing checkpoint {final.name}", lambda: _dir_bytes(partial), finalize, watchdog)
+    if error is not None:
+        raise CheckpointError(
+            f"finalizing checkpoint {final} failed on rank 0: {error}. The previous checkpoint is intact; free disk "
+            f"space under {root} and resume."
+        )
     return final
 
 
@@ -451,13 +572,29 @@ def find_latest_checkpoint(ckpt_root: str | os.PathLike, verify_hashes: bool = T
     return None
 
 
+def find_resume_checkpoint(ckpt_root: str | os.PathLike, verify_hashes: bool = True) -> Path | None:
+    """Collective: :func:`find_latest_checkpoint` on rank 0 alone, its answer on every rank.
+
+    The checkpoints are read once in all (not once per rank); the other ranks wait for the answer with a timeout
+    sized for every candidate's bytes. Pass the result to :func:`load_checkpoint` with ``verify_hashes=False``: it was
+    just verified.
+    """
+    root = Path(ckpt_root)
+    return _on_rank0(
+        f"rank 0 verifying the checkpoints in {root}",
+        lambda: sum(_manifest_bytes(p) for _, p in _complete_step_dirs(root)),
+        lambda: find_latest_checkpoint(root, verify_hashes=verify_hashes),
+    )
+
+
 def load_checkpoint(engine: Any, ckpt_dir: str | os.PathLike, verify_hashes: bool = True) -> dict[str, Any]:
     """Collective: verify ``ckpt_dir``, load it into ``engine``, restore this rank's RNG; return the client state.
 
     Args:
         engine: The ``deepspeed.DeepSpeedEngine`` (built with the same ZeRO stage and world size as at save).
-        ckpt_dir: A complete checkpoint directory, e.g. from :func:`find_latest_checkpoint`.
-        verify_hashes: Recompute sha256 before loading (rank 0 only; every rank checks sizes).
+        ckpt_dir: A complete checkpoint directory, e.g. from :func:`find_resume_checkpoint`.
+        verify_hashes: Recompute sha256 before loading; False when the caller just verified it
+            (:func:`find_resume_checkpoint`). Rank 0 alone verifies (sizes always) and tells the others.
 
     Returns:
         The ``client_state`` dict given to :func:`save_checkpoint` (DeepSpeed's own keys removed).
@@ -467,23 +604,25 @@ def load_checkpoint(engine: Any, ckpt_dir: str | os.PathLike, verify_hashes: boo
     """
     ckpt_dir = Path(ckpt_dir)
     rank, world = dist.rank(), dist.world_size()
-    error: CheckpointError | None = None
-    manifest: dict[str, Any] = {}
-    try:
-        manifest = verify_checkpoint(ckpt_dir, verify_hashes=verify_hashes and rank == 0)
-    except CheckpointError as e:
-        error = e
-    if _any_rank_failed(error is not None):
+
+    def verify() -> tuple[str | None, Any]:  # rank 0: (error text or None, the world size it was saved with)
+        try:
+            return None, verify_checkpoint(ckpt_dir, verify_hashes=verify_hashes).get("world_size")
+        except CheckpointError as e:
+            return str(e), None
+
+    what = f"rank 0 verifying {ckpt_dir}"
+    error, saved_world = _on_rank0(what, lambda: _manifest_bytes(ckpt_dir) if verify_hashes else 0, verify)
+    if error is not None:
         raise CheckpointError(
-            f"cannot resume from {ckpt_dir}: {error or 'failed verification on another rank'}; "
-            f"delete it to fall back to the previous checkpoint"
-        ) from error
-    if manifest.get("world_size") not in (None, world):
+            f"cannot resume from {ckpt_dir}: {error}; delete it to fall back to the previous checkpoint"
+        )
+    if saved_world not in (None, world):
         logger.warning(
             "%s was saved with world size %s, loading with %d: DeepSpeed must re-partition (ZeRO needs the same "
             "world size unless the checkpoint is converted to a universal checkpoint)",
             ckpt_dir,
-            manifest.get("world_size"),
+            saved_world,
             world,
         )
 
