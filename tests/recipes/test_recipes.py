@@ -9,6 +9,7 @@ checkpoint."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -74,7 +75,10 @@ def test_method_trains_and_final_reloads(
         from deepspeed.ops.op_builder import AsyncIOBuilder
 
         if not AsyncIOBuilder().is_compatible(verbose=False):
-            pytest.skip("DeepSpeed's async_io op cannot build here: apt-get install libaio-dev")
+            reason = "DeepSpeed's async_io op cannot build here: apt-get install libaio-dev"
+            if os.environ.get("CI"):  # .ci/run installs it: in CI a skip would hide that NVMe offload is untested
+                pytest.fail(reason)
+            pytest.skip(reason)
     out = tmp_path / "run"
     extra = [x.replace("{tmp}", str(tmp_path)) for x in extra]
     overrides = ["train.max_steps=16", "train.micro_batch_size=2", "train.grad_accum=2", f"zero.stage={stage}", *extra]
