@@ -20,7 +20,7 @@ files the other ranks wrote.
 
 Rank 0 alone reads a checkpoint back, once: at save it hashes and fsyncs every file for the manifest; at resume
 :func:`find_resume_checkpoint` and :func:`load_checkpoint` verify on rank 0 and give every rank the verdict. The other
-ranks do no I/O meanwhile; they wait on a gloo group kept for these messages (:func:`_from_rank0`), with a timeout
+ranks do no I/O meanwhile; they wait on a gloo group kept for these messages (``distributed.broadcast_from_main``), with a timeout
 sized for the bytes rank 0 reads (:func:`rank0_io_timeout_s`), not the collective timeout: an NCCL collective that
 outlasts ``train.collective_timeout_s`` is torn down by torch, and hashing 100 GB on shared storage can take that
 long.
@@ -42,10 +42,8 @@ import re
 import shutil
 import time
 import traceback
-import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -101,50 +99,6 @@ def _any_rank_failed(failed: bool) -> bool:
 # rank 0 does the I/O, the others wait for its answer
 # --------------------------------------------------------------------------------------------------------------------
 _T = TypeVar("_T")
-# (default process group, the gloo group made for it), held weakly: torch's registry keeps both alive until
-# destroy_process_group, which must free them while the interpreter runs; a gloo group still referenced here and
-# freed at interpreter exit aborts the process ("terminate called without an active exception", 1 run in 8).
-_control: tuple[weakref.ref, weakref.ref] | None = None
-
-
-def _control_group() -> Any:
-    """The gloo group that carries rank 0's answers to the other ranks (created on first use, by every rank).
-
-    Why gloo, whatever the training backend: its barrier honours a per-call ``timeout`` longer than the group's
-    (checked in ``tests/reliability/test_rank0_verify.py``), on CPU, so a wait sized for rank 0's I/O needs neither a
-    GPU kernel nor NCCL's timeout. Why not polling a file that rank 0 writes: a rank 0 that dies closes its sockets and
-    the wait fails at once as a peer loss, and no shared-filesystem cache can delay the answer. The group needs a
-    TCP route between the hosts (``GLOO_SOCKET_IFNAME`` picks the interface), like the rendezvous does.
-    Every save and load is collective, so every rank reaches the first call at the same point (``new_group`` is
-    collective).
-    """
-    global _control
-    import torch.distributed as tdist
-
-    world = tdist.group.WORLD
-    group = _control[1]() if _control is not None and _control[0]() is world else None
-    if group is None:
-        group = tdist.new_group(backend="gloo")
-        _control = (weakref.ref(world), weakref.ref(group))
-    return group
-
-
-def _from_rank0(obj: Any, timeout_s: float | None = None) -> Any:
-    """Collective: rank 0's ``obj`` on every rank, through :func:`_control_group`.
-
-    With ``timeout_s`` the ranks first wait up to that long for rank 0 to arrive (a gloo barrier; rank 0 arrives when
-    its work is done); without, the group's default timeout applies (for answers that are ready at once).
-    """
-    if dist.world_size() == 1:
-        return obj
-    import torch.distributed as tdist
-
-    group = _control_group()
-    if timeout_s is not None:
-        tdist.barrier(group=group, timeout=timedelta(seconds=timeout_s))
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
 
 
 def _on_rank0(what: str, nbytes: Callable[[], int], task: Callable[[], _T], watchdog: StepWatchdog | None = None) -> _T:
@@ -161,11 +115,11 @@ def _on_rank0(what: str, nbytes: Callable[[], int], task: Callable[[], _T], watc
             size = nbytes()
         except OSError as e:  # the task meets the same error and reports it; only the wait's size is unknown
             logger.warning("%s: cannot size the files to read (%s); waiting the minimum", what, e)
-    size = _from_rank0(size)
+    size = dist.broadcast_from_main(size)
     timeout_s = rank0_io_timeout_s(size)
     with watchdog.allow(timeout_s, what) if watchdog is not None else contextlib.nullcontext():
         result = task() if rank0 else None
-        return _from_rank0(result, timeout_s)
+        return dist.broadcast_from_main(result, timeout_s)
 
 
 def _dsft_version() -> str:

@@ -145,7 +145,12 @@ class TrainConfig:
     )
     resume: str = _f("auto", "auto = newest complete checkpoint in output_dir if any; never; or a checkpoint path.")
     collective_timeout_s: int = _f(1800, "Timeout of one collective (process-group timeout) in seconds.")
-    step_timeout_s: int = _f(0, "Abort when one step takes longer than this (hang watchdog); 0 disables it.")
+    step_timeout_s: int | None = _f(
+        None,
+        "Seconds without a finished step (its evaluation and checkpoint write included) before the watchdog ends the "
+        "run with exit code 86 and a report naming the lost rank. null = automatic: just under "
+        "train.collective_timeout_s on GPUs (NCCL: a dead peer blocks), off on CPU (gloo raises at once); 0 = off.",
+    )
     max_bad_steps: int = _f(5, "Abort after this many consecutive steps with a non-finite loss or gradient norm.")
 
 
@@ -249,9 +254,11 @@ class Config:
         for key in ("log_every", "keep_last", "max_bad_steps"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
-        for key in ("eval_every", "save_every", "step_timeout_s", "max_grad_norm", "weight_decay", "warmup"):
+        for key in ("eval_every", "save_every", "max_grad_norm", "weight_decay", "warmup"):
             if getattr(t, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
+        if t.step_timeout_s is not None and t.step_timeout_s < 0:
+            raise ConfigError(f"train.step_timeout_s={t.step_timeout_s} must be >= 0 (0 = off) or null (automatic)")
         if t.resume not in ("auto", "never") and not Path(t.resume).exists():
             raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint; use auto, never or an existing path")
         if self.data.num_workers < -1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import weakref
 from datetime import timedelta
 
 import torch
@@ -78,10 +79,14 @@ def init(timeout_s: int = 1800) -> None:
         per_rank = max(1, (os.cpu_count() or 1) // local_ranks)
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", per_rank)))
         ops.build(["ShareMemCommBuilder"])  # the CPU all-reduce op init_distributed would compile unguarded
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend(), timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False)
     if not torch.cuda.is_available():
         ops.unlink_shm_allreduce_buffer()  # every rank has mapped every buffer: the /dev/shm name can go before a crash
+
+
+def backend() -> str:
+    """The collective backend this machine uses: ``nccl`` with CUDA, ``gloo`` on CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def rank() -> int:
@@ -159,3 +164,47 @@ def destroy() -> None:
     ("terminate called without an active exception", pytorch/pytorch#190489), failing a run that finished."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# (default process group, the gloo group made for it), held weakly: torch's registry keeps both alive until
+# destroy_process_group, which must free them while the interpreter runs; a gloo group still referenced here and
+# freed at interpreter exit aborts the process ("terminate called without an active exception", 1 run in 8).
+_control: tuple[weakref.ref, weakref.ref] | None = None
+
+
+def _control_group():
+    """The gloo group that carries rank 0's answers to the other ranks (created on first use, by every rank).
+
+    Why gloo, whatever the training backend: its barrier honours a per-call ``timeout`` longer than the group's
+    (checked in ``tests/reliability/test_rank0_verify.py``), on CPU, so a wait sized for rank 0's I/O needs neither a
+    GPU kernel nor NCCL's timeout. Why not polling a file that rank 0 writes: a rank 0 that dies closes its sockets and
+    the wait fails at once as a peer loss, and no shared-filesystem cache can delay the answer. The group needs a
+    TCP route between the hosts (``GLOO_SOCKET_IFNAME`` picks the interface), like the rendezvous does.
+    Every save and load is collective, so every rank reaches the first call at the same point (``new_group`` is
+    collective).
+    """
+    global _control
+
+    world = dist.group.WORLD
+    group = _control[1]() if _control is not None and _control[0]() is world else None
+    if group is None:
+        group = dist.new_group(backend="gloo")
+        _control = (weakref.ref(world), weakref.ref(group))
+    return group
+
+
+def broadcast_from_main(obj, timeout_s: float | None = None):
+    """Collective: rank 0's ``obj`` on every rank, through :func:`_control_group` (gloo, whatever the backend).
+
+    With ``timeout_s`` the ranks first wait up to that long for rank 0 to arrive (a gloo barrier; rank 0 arrives when
+    its work is done); without, the group's default timeout applies (for answers that are ready at once).
+    """
+    if world_size() == 1:
+        return obj
+
+    group = _control_group()
+    if timeout_s is not None:
+        dist.barrier(group=group, timeout=timedelta(seconds=timeout_s))
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -29,7 +30,7 @@ import torch
 
 from finetune import distributed as dist
 from finetune import ops
-from finetune.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from finetune.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from finetune.config import Config, ConfigError, to_dict
 from finetune.data import check_sources, report_lengths, resolve_data, serving_settings, source_meta
 from finetune.export import SERVING_FILE, save_generation_config, set_stop_ids
@@ -69,7 +70,9 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
     from ds_configs import make_ds_config, resolve_precision
     from finetune.attention import resolve_attention
     from finetune.model import load_model, load_tokenizer, param_groups
+    from finetune.watchdog import apply_nccl_env_defaults
 
+    apply_nccl_env_defaults()  # before NCCL reads them: a dead peer's error must reach Python (watchdog.py)
     dist.init(cfg.train.collective_timeout_s)
     plan = cfg.validate(dist.world_size())
     cuda = torch.cuda.is_available()
@@ -200,7 +203,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
     ckpt_root = out / "checkpoints"
     resume_from = _resume_path(cfg, ckpt_root)
     if resume_from is not None:
-        state = load_checkpoint(engine, resume_from)
+        # resume=auto: find_resume_checkpoint has just verified it (rank 0, once); an explicit path is verified here.
+        state = load_checkpoint(engine, resume_from, verify_hashes=cfg.train.resume != "auto")
         step, bad_streak = int(state["step"]), int(state.get("bad_streak", 0))
         loader.load_state_dict(state["loader"])
         if dist.is_main():
@@ -210,10 +214,14 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
     for report in data_reports.values():  # what the data lost to length limits and bad records
         metrics.log({"step": 0, "split": "data", **report})
 
-    from finetune.watchdog import StepWatchdog
+    from finetune.watchdog import StepWatchdog, default_step_timeout, nccl_report_warning
 
+    step_timeout = default_step_timeout(dist.backend(), cfg.train.step_timeout_s, cfg.train.collective_timeout_s)
+    warning = nccl_report_warning(os.environ, dist.backend(), step_timeout, cfg.train.collective_timeout_s)
+    if warning and dist.is_main():
+        print(f"[dsft] WARNING {warning}", flush=True)
     watchdog = StepWatchdog(
-        cfg.train.step_timeout_s,
+        step_timeout,
         on_timeout=lambda msg: metrics.flush(),
         heartbeat_dir=out / "heartbeat",
         ckpt_root=ckpt_root,
@@ -262,7 +270,9 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                     }
                     metrics.flush()  # the rows up to a checkpoint survive a crash with it
                     try:
-                        watchdog.note_checkpoint(save_checkpoint(engine, ckpt_root, step, state, cfg.train.keep_last))
+                        watchdog.note_checkpoint(
+                            save_checkpoint(engine, ckpt_root, step, state, cfg.train.keep_last, watchdog)
+                        )
                     except CheckpointError as e:  # raised on every rank alike; previous checkpoint left intact
                         if cfg.train.on_save_error == "stop":
                             raise
@@ -484,7 +494,7 @@ def _resume_path(cfg: Config, ckpt_root: Path) -> Path | None:
     if cfg.train.resume != "auto":
         return Path(cfg.train.resume)
 
-    return find_latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
+    return find_resume_checkpoint(ckpt_root)  # collective: every rank calls it, rank 0 alone reads the checkpoints
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -22,10 +22,11 @@ export NCCL_IB_DISABLE="${NCCL_IB_DISABLE:-0}"
 # to overlap communication with compute. Plain ZeRO data parallelism does not need it; harmless to leave unset.
 # export CUDA_DEVICE_MAX_CONNECTIONS=1
 
-# A rank stuck in a collective (another rank crashed or diverged) raises instead of hanging forever: PyTorch's
-# watchdog aborts the NCCL communicator after the process-group timeout (torch.distributed init timeout, default
-# 10 min for NCCL). Matters on every multi-GPU run, most on preemptible nodes.
-export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+# A rank stuck in a collective (another rank crashed or diverged) raises instead of hanging forever: 2 (CleanUpOnly)
+# makes PyTorch's NCCL watchdog abort the communicator after the process-group timeout (train.collective_timeout_s)
+# and keep the process, so the error reaches Python and dsft's report (exit 87). torch 2.13's default, 3, and 1 tear
+# the process down from C++ with SIGABRT instead. The engine sets the same default (finetune/watchdog.py).
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-2}"
 # Dump the last collectives of each rank when the watchdog fires, to see which rank stopped where.
 export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
 export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
