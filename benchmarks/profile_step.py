@@ -9,7 +9,9 @@ also the one DeepSpeed's ZeRO optimizer wraps — so the same wrapper serves dsf
 the inner optimizer once per parameter group (weight decay / no decay: twice a step), so only the first call after
 a forward pass counts as a step (a global module forward hook notes the forward). It skips
 ``--wait`` steps (warm-up, allocator growth), records ``--active`` steps, and rank 0 writes ``top_ops.txt`` (sorted
-by self device time on a GPU, self CPU time otherwise) and a Chrome trace.
+by self device time on a GPU, self CPU time otherwise), a Chrome trace, and ``syncs.txt``: per step, the host syncs
+(``aten::_local_scalar_dense``: every ``.item()``/``float(tensor)``/``.tolist()`` of a device value waits for the GPU)
+and the all-reduces, the overheads a step loop must keep off its critical path.
 """
 
 from __future__ import annotations
@@ -57,6 +59,23 @@ def install_step_hooks(on_step: Callable[[], None]) -> list:
     return [register_module_forward_hook(on_forward), register_optimizer_step_post_hook(on_optimizer_step)]
 
 
+# Ops that make the host wait (on a GPU) or that are collectives, counted per step in syncs.txt.
+SYNC_OPS = {
+    "aten::_local_scalar_dense": "host syncs (.item() / float() / .tolist())",
+    "c10d::allreduce_": "all-reduces",
+}
+
+
+def sync_counts(events, steps: int) -> dict[str, tuple[float, float]]:
+    """``{label: (calls per step, ms per step)}`` of :data:`SYNC_OPS` in ``prof.key_averages()``-style events."""
+    out = {}
+    for name, label in SYNC_OPS.items():
+        calls = sum(e.count for e in events if e.key == name)
+        ms = sum(e.cpu_time_total for e in events if e.key == name) / 1000
+        out[label] = (calls / steps, ms / steps)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     script_args = [a for a in args.script_args if a != "--"] if args.script_args[:1] == ["--"] else args.script_args
@@ -76,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         table = prof.key_averages().table(sort_by=sort_key, row_limit=args.rows)
         (out / "top_ops.txt").write_text(f"{args.active} optimizer steps of {args.script}, rank 0\n\n{table}\n")
         prof.export_chrome_trace(str(out / "trace.json"))
+        rows = [
+            f"| {label} | {n:.1f} | {ms:.2f} |"
+            for label, (n, ms) in sync_counts(prof.key_averages(), args.active).items()
+        ]
+        header = (
+            f"{args.active} optimizer steps of {args.script}, rank 0\n\n| per step | calls | CPU ms |\n|---|---|---|\n"
+        )
+        (out / "syncs.txt").write_text(header + "\n".join(rows) + "\n")
 
     prof = torch.profiler.profile(
         activities=activities,

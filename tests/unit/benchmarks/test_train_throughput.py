@@ -234,3 +234,15 @@ def test_both_tools_get_the_same_run_settings(tmp_path):
             )
     dsft_mb = tt.dsft_overrides(tt.BenchConfig(micro_batch=16, dsft_micro_batch=5), assets, "full", 2, "bf16", tmp_path)
     assert "train.micro_batch_size=5" in dsft_mb
+
+
+def test_profile_sync_counts_are_per_step():
+    from types import SimpleNamespace as E
+
+    events = [
+        E(key="aten::_local_scalar_dense", count=26, cpu_time_total=2000.0),
+        E(key="c10d::allreduce_", count=10, cpu_time_total=5000.0),
+        E(key="aten::mm", count=99, cpu_time_total=1.0),
+    ]
+    counts = profile_step.sync_counts(events, steps=2)
+    assert counts == {"host syncs (.item() / float() / .tolist())": (13.0, 1.0), "all-reduces": (5.0, 2.5)}
