@@ -286,63 +286,16 @@ def test_pickle_weights_never_execute_code(tiny_llama_dir, tmp_path):
     assert marker.exists()
 
 
-# AutoTokenizer and AutoConfig in the engine (the architecture and attention choice), AutoModelForCausalLM in
-# finetune.model.load_model: every from_pretrained that may run a repo's code.
-_REMOTE_CODE_LOADERS = ("AutoTokenizer", "AutoConfig", "AutoModelForCausalLM")
-
-
-class _StopBeforeTraining(Exception):
-    """Raised by the model spy: the test needs the engine up to the model load, not DeepSpeed or a training step."""
-
-
 @pytest.mark.parametrize("setting,expected", [(None, False), ("false", False), ("true", True)])
 def test_trust_remote_code_reaches_every_from_pretrained(tiny_llama_dir, tmp_path, monkeypatch, setting, expected):
-    """``model.trust_remote_code`` (default off) is what the engine passes to every ``from_pretrained`` it calls."""
-    import transformers
+    """``model.trust_remote_code`` (default off) is what the engine passes to every ``from_pretrained`` it calls
+    (spied), and no source file hard-codes it on."""
+    from tests.engine_probe import LOADERS, run_until_model_load
 
-    from finetune import engine
-    from finetune.config import load_config
-    from finetune.watchdog import nccl_env_defaults
-    from tests.recipes.conftest import _free_port, write_counting_data
-
-    calls = []
-
-    def spy(name):
-        real = getattr(transformers, name).from_pretrained  # bound classmethod
-
-        def from_pretrained(path, *args, **kwargs):
-            calls.append((name, str(path), kwargs.get("trust_remote_code", "not passed")))
-            if name == "AutoModelForCausalLM":
-                raise _StopBeforeTraining
-            return real(path, *args, **kwargs)
-
-        return from_pretrained
-
-    for name in _REMOTE_CODE_LOADERS:
-        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", spy(name))
-    # engine.run in this process: a gloo world of one, and the environment it sets is restored afterwards
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    for key, value in nccl_env_defaults(os.environ).items():  # what engine.run would add
-        monkeypatch.setenv(key, value)
-    overrides = [
-        f"model.name_or_path={tiny_llama_dir}",
-        f"data.train={write_counting_data(tmp_path / 'train', 8, 0)}",
-        "data.seq_len=64",
-        f"output_dir={tmp_path / 'out'}",
-        "method.name=full",
-        "train.micro_batch_size=1",
-        "train.grad_accum=1",
-        "train.global_batch=null",
-    ] + ([f"model.trust_remote_code={setting}"] if setting else [])
-    cfg = load_config(overrides=overrides)
-    with pytest.raises(_StopBeforeTraining):
-        engine.run(cfg)
-    assert sorted({name for name, _, _ in calls}) == sorted(_REMOTE_CODE_LOADERS), calls
-    assert all(path == str(tiny_llama_dir) for _, path, _ in calls), calls
-    assert all(value is expected for _, _, value in calls), calls
+    overrides = [f"model.trust_remote_code={setting}"] if setting else []
+    calls = run_until_model_load(monkeypatch, tmp_path, tiny_llama_dir, *overrides)
+    assert sorted({name for name, _, _ in calls}) == sorted(LOADERS), calls
+    assert all(path == str(tiny_llama_dir) and value is expected for _, path, value in calls), calls
 
     offenders = [
         f"{p.relative_to(REPO)}:{i}"
