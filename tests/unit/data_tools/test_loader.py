@@ -21,6 +21,11 @@ from data_tools.loading.packing import FirstFitPacker, block_causal_mask, collat
 from data_tools.loading.webdataset_source import load_npy_1d, tar_samples
 
 ID_OFFSET = 10  # sample i starts with token i + 10, so ids survive packing and pad_id 0 is never a sample start
+# WebDataset samples an epoch may leave to a later one. packed: the fullest reader may carry its last ~1% of rows into
+# the resampled tail (README, WebDataset). bucket: the 50-batch group that straddles the end of a reader's first pass
+# is shuffled, so a few of its batches fall past the cut. On `shards`, seeds 0-7: packed 0.5-1% (5-10% before the
+# packer flushed at the end of the first pass), bucket 1-1.25%.
+WDS_MAX_UNSEEN = 0.0125
 
 
 def _lengths(n, seed=0, median=40, max_len=120):
@@ -258,7 +263,8 @@ def test_webdataset_uneven_shards_equal_counts_disjoint(shards, packing, num_wor
     if packing == "padding":  # exact epoch length: every sample is seen in the epoch
         assert a | b == set(range(len(samples)))
     else:
-        assert len(a | b) > 0.9 * len(samples)
+        unseen = set(range(len(samples))) - (a | b)
+        assert len(unseen) <= WDS_MAX_UNSEEN * len(samples), f"{len(unseen)} of {len(samples)} samples unseen"
 
 
 def test_tar_reader_matches_webdataset_and_npy_matches_numpy(shards, tmp_path):
@@ -394,4 +400,5 @@ def test_two_real_ranks_under_the_deepspeed_launcher(sft, shards, tmp_path):
         if source == prefix:  # mmap, drop_last=False: every sample seen
             assert set(a["ids"]) | set(b["ids"]) == set(range(n))
         else:  # WebDataset packed: nominal epoch, the fullest slot may carry its last rows over
-            assert len(set(a["ids"]) | set(b["ids"])) > 0.9 * n
+            unseen = set(range(n)) - set(a["ids"]) - set(b["ids"])
+            assert len(unseen) <= WDS_MAX_UNSEEN * n, f"{len(unseen)} of {n} samples unseen"
