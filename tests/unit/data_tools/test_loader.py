@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -353,11 +354,42 @@ def test_checkpoint_right_after_the_last_batch_resumes_into_the_next_epoch(sft):
         _same(b1, b2)
 
 
-def test_resume_rejects_other_settings(sft):
+RESUME_BASE = dict(seq_len=128, micro_batch_size=2, seed=0, world_size=1, packing="packed", shuffle=True, num_workers=0)
+
+
+@pytest.mark.parametrize(
+    ("key", "saved", "now"),
+    [
+        ("seed", 0, 1),
+        ("world_size", 2, 1),
+        ("micro_batch_size", 2, 4),
+        ("seq_len", 128, 64),
+        ("packing", "packed", "padding"),
+        ("shuffle", True, False),
+        ("num_workers", 0, 2),  # orders WebDataset streams (a stream per worker); mmap batches do not depend on it
+    ],
+)
+def test_resume_refuses_each_setting_that_orders_the_batches(sft, shards, key, saved, now):
+    source = shards[0] if key == "num_workers" else sft[0]
+    state = build_dataloader(source, **{**RESUME_BASE, key: saved}).state_dict()
+    build_dataloader(source, **{**RESUME_BASE, key: saved}).load_state_dict(state)  # the same settings resume
+    message = (
+        f"loader state: {key}={saved!r} in the checkpoint but {now!r} now; the resumed run would see other batches. "
+        f"Restore {key}={saved!r} or start a fresh run"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_dataloader(source, **{**RESUME_BASE, key: now}).load_state_dict(state)
+
+
+def test_resume_refuses_changed_data_and_another_state_version_but_not_mmap_workers(sft):
     prefix, _ = sft
-    state = build_dataloader(prefix, seq_len=128, micro_batch_size=2).state_dict()
-    with pytest.raises(ValueError, match="micro_batch_size=2 in the checkpoint"):
-        build_dataloader(prefix, seq_len=128, micro_batch_size=4).load_state_dict(state)
+    state = build_dataloader(prefix, **RESUME_BASE).state_dict()
+    build_dataloader(prefix, **{**RESUME_BASE, "num_workers": 2}).load_state_dict(state)  # the same mmap batches
+    grown = {**state, "num_batches": state["num_batches"] + 1}
+    with pytest.raises(ValueError, match=rf"{grown['num_batches']} batches per epoch in the checkpoint but "):
+        build_dataloader(prefix, **RESUME_BASE).load_state_dict(grown)
+    with pytest.raises(ValueError, match="loader state version 0, expected 1"):
+        build_dataloader(prefix, **RESUME_BASE).load_state_dict({**state, "version": 0})
 
 
 def test_workers_build_the_same_batches(sft):
