@@ -43,13 +43,22 @@ def good_prefix(jsonl, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def other_tokenizer_prefix(jsonl, tmp_path_factory) -> Path:
+def other_tokenizer(tmp_path_factory):
     from finetune.tiny import train_tokenizer
 
-    other = train_tokenizer(tmp_path_factory.mktemp("other_tok"), ["completely different corpus 123"] * 50, 300)
+    return train_tokenizer(tmp_path_factory.mktemp("other_tok"), ["completely different corpus 123"] * 50, 300)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_prefix(jsonl, other_tokenizer) -> Path:
     prefix = jsonl.parent / "other"
-    convert([jsonl], prefix, other, progress=False)
+    convert([jsonl], prefix, other_tokenizer, progress=False)
     return prefix
+
+
+def _webdataset(jsonl: Path, tokenizer, name: str) -> Path:
+    convert([jsonl], None, tokenizer, webdataset_dir=jsonl.parent / name, progress=False)
+    return jsonl.parent / name / "index.json"
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +79,15 @@ def test_good_data_passes(good_prefix, tiny_tokenizer):
 
 
 def test_data_from_another_tokenizer_is_refused(other_tokenizer_prefix, tiny_tokenizer):
-    with pytest.raises(PreflightError, match="re-convert"):
+    with pytest.raises(PreflightError, match="re-convert") as e:
         check_training_data(other_tokenizer_prefix, tiny_tokenizer, len(tiny_tokenizer))
+    assert str(e.value).startswith(f"{other_tokenizer_prefix}.meta.json: "), e.value
 
 
 def test_token_id_beyond_vocab_is_refused_naming_the_sequence(big_id_prefix, tiny_tokenizer):
-    with pytest.raises(PreflightError, match=r"sequence 13 holds token id \d+, outside"):
+    with pytest.raises(PreflightError, match=r"sequence 13 holds token id \d+, outside") as e:
         check_training_data(big_id_prefix, tiny_tokenizer, len(tiny_tokenizer))
+    assert str(e.value).startswith(f"{big_id_prefix}.bin: "), e.value
 
 
 def test_tokenizer_larger_than_embedding_is_refused(good_prefix, tiny_tokenizer):
@@ -92,8 +103,49 @@ def test_truncated_mmap_is_refused(good_prefix, tiny_tokenizer, tmp_path):
     binf = tmp_path / "cut.bin"
     with open(binf, "r+b") as f:
         f.truncate(binf.stat().st_size - 10)
-    with pytest.raises(PreflightError, match="truncated"):
+    with pytest.raises(PreflightError, match="truncated") as e:
         check_training_data(tmp_path / "cut", tiny_tokenizer, len(tiny_tokenizer))
+    assert str(e.value).startswith(f"{binf}: "), e.value
+
+
+@pytest.mark.parametrize("mask_lengths", [[8] * 9, [8, 8, 8, 7, 8, 8, 8, 8, 8, 8]], ids=["one fewer", "one shorter"])
+def test_loss_mask_that_does_not_line_up_is_refused(tiny_tokenizer, tmp_path, mask_lengths):
+    prefix = tmp_path / "data"
+    tokens, mask = IndexedDatasetBuilder(prefix, np.uint16), IndexedDatasetBuilder(f"{prefix}_loss_mask", np.uint8)
+    for _ in range(10):
+        tokens.add_document(np.arange(1, 9, dtype=np.uint16))
+    for n in mask_lengths:
+        mask.add_document(np.ones(n, dtype=np.uint8))
+    tokens.finalize()
+    mask.finalize()
+    with pytest.raises(PreflightError, match="do not line up") as e:
+        check_training_data(prefix, tiny_tokenizer, len(tiny_tokenizer))
+    assert str(e.value).startswith(f"{prefix}_loss_mask.idx: ") and f"sequences of {prefix}.idx" in str(e.value)
+    assert "re-run the conversion" in str(e.value)
+
+
+def test_webdataset_index_is_checked_against_the_tokenizer(jsonl, tiny_tokenizer, other_tokenizer, tmp_path):
+    check_training_data(_webdataset(jsonl, tiny_tokenizer, "wds_good"), tiny_tokenizer, len(tiny_tokenizer))
+    other = _webdataset(jsonl, other_tokenizer, "wds_other")
+    with pytest.raises(PreflightError, match="re-convert with this model's tokenizer") as e:
+        check_training_data(other, tiny_tokenizer, len(tiny_tokenizer))
+    assert str(e.value).startswith(f"{other}: shards were converted with tokenizer "), e.value
+
+    index = json.loads((jsonl.parent / "wds_good" / "index.json").read_text())
+    index["meta"]["tokenizer"]["vocab_size"] = len(tiny_tokenizer) + 1  # the same vocabulary recorded as larger
+    larger = tmp_path / "larger" / "index.json"
+    larger.parent.mkdir()
+    larger.write_text(json.dumps(index))
+    with pytest.raises(PreflightError, match=f"{len(tiny_tokenizer) + 1}-token vocabulary, the model has") as e:
+        check_training_data(larger, tiny_tokenizer, len(tiny_tokenizer))
+    assert str(e.value).startswith(f"{larger}: "), e.value
+
+    unreadable = tmp_path / "broken" / "index.json"
+    unreadable.parent.mkdir()
+    unreadable.write_text('{"format": "dsft-webdataset/1", "shards": [')
+    with pytest.raises(PreflightError, match="cannot read the WebDataset index") as e:
+        check_training_data(unreadable, tiny_tokenizer, len(tiny_tokenizer))
+    assert str(e.value).startswith(f"{unreadable}: "), e.value
 
 
 # -------------------------------------------------------------------------------------------- through the recipe
