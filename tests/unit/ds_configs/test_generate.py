@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ds_configs import make_ds_config, resolve_batch
-from ds_configs.build import PRESET_DIR, PRESETS, preset_path
+from ds_configs.build import AIO_SECTION, PRESET_DIR, PRESETS, preset_path
 from ds_configs.generate import main, preset_json
 
 LLAMA7B = ["--params", "6738415616", "--layers", "32", "--hidden", "4096", "--intermediate", "11008"]
@@ -70,10 +70,15 @@ def test_qlora_zero3_only_with_4bit_as_the_engine_accepts(capsys):
     assert "4-bit QLoRA weights only" not in rows["zero3"]
 
 
-def test_offload_when_gpus_are_too_small_and_cpu_limit_is_respected(capsys):
+def test_offload_when_gpus_are_too_small_and_cpu_limit_is_respected(tmp_path, capsys):
     base = LLAMA13B + ["--method", "full", "--gpus-per-node", "2", "--gpu-mem-gib", "48", "--seq-len", "1024"]
-    rc, text, _ = run(base, capsys)
+    out = tmp_path / "ds.json"
+    rc, text, _ = run(base + ["--out", str(out)], capsys)
     assert rc == 0 and "chosen: zero2_offload" in text  # 13B full on 2×48 GB needs optimizer offload
+    zero = json.loads(out.read_text())["zero_optimization"]
+    # What the choice means: optimizer states in pinned CPU memory, parameters on the GPUs.
+    assert zero["stage"] == 2 and zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert "offload_param" not in zero
     rc, text, _ = run(base + ["--cpu-mem-gib", "64"], capsys)
     assert rc == 2, text  # ~260 GiB of CPU state does not fit in 64 GiB
     assert "nothing fits" in text and "CPU memory per node" in text and "--nvme-path" in text
@@ -88,6 +93,28 @@ def test_nothing_fits_says_what_would(capsys):
     # With full offload the GPU side fits (~11 GiB) but 70B × 18 bytes of states needs ~1.9 TiB of CPU memory.
     assert "GiB CPU memory per node (zero3_offload" in text and "GPUs with" not in text
     assert "nodes × 1 GPUs per node" in text and "--nvme-path" in text
+
+
+def test_nvme_offload_writes_the_path_buffers_and_aio_settings(tmp_path, capsys):
+    args = ["--params", "70e9", "--layers", "80", "--hidden", "8192", "--heads", "64", "--kv-heads", "8"]
+    args += ["--method", "full", "--gpus-per-node", "1", "--gpu-mem-gib", "24", "--cpu-mem-gib", "256"]
+    out = tmp_path / "ds.json"
+    rc, text, _ = run(args + ["--seq-len", "4096", "--nvme-path", "/local_nvme", "--out", str(out)], capsys)
+    # 70B with full CPU offload needs ~1.9 TiB of CPU memory (zero3_offload): the optimizer states go to NVMe, the
+    # 16-bit parameters stay in CPU memory (~210 GiB per node in all, under the 256 GiB given).
+    assert rc == 0 and "chosen: zero3_nvme_opt" in text, text
+    cfg = json.loads(out.read_text())
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_optimizer"] == {
+        "device": "nvme",
+        "nvme_path": "/local_nvme",
+        "pin_memory": True,
+        "buffer_count": 4,
+        "fast_init": False,
+    }
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert cfg["aio"] == AIO_SECTION and cfg["aio"]["intra_op_parallelism"] == 1  # not the ignored "thread_count"
 
 
 def test_model_from_hf_config_on_cpu_ranks(tiny_llama_dir, tmp_path, capsys):
