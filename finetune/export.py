@@ -78,7 +78,8 @@ def merge_adapter(
             "load it with PeftModel.from_pretrained instead"
         )
     base = base or peft_cfg.base_model_name_or_path
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    # safetensors only, as training loads it: a pickled .bin base is refused, never unpickled
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), use_safetensors=True)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     if (adapter_dir / "generation_config.json").exists():  # the stop ids of the training data (engine.save_final)
         set_stop_ids(merged.generation_config, GenerationConfig.from_pretrained(adapter_dir).eos_token_id)
@@ -121,7 +122,10 @@ def consolidate_zero(checkpoint: str | Path, out_dir: str | Path, run_config: st
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.name_or_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+        cfg.model.name_or_path,
+        dtype=torch.float32,
+        trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=True,
     )
     if cfg.is_peft:
         cfg.model.gradient_checkpointing = False
