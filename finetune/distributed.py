@@ -57,8 +57,14 @@ def _env_from_launcher(env: dict[str, str]) -> dict[str, str] | None:
     return None
 
 
+# The timeout given to init(): groups made later get it too (torch would give them its 30-minute default).
+_collective_timeout: timedelta | None = None
+
+
 def init(timeout_s: int = 1800) -> None:
     """Create the process group (idempotent): NCCL on CUDA, gloo on CPU; ``timeout_s`` bounds every collective."""
+    global _collective_timeout
+
     if dist.is_available() and dist.is_initialized():
         return
     if "RANK" not in os.environ and (mapped := _env_from_launcher(dict(os.environ))):
@@ -79,7 +85,8 @@ def init(timeout_s: int = 1800) -> None:
         per_rank = max(1, (os.cpu_count() or 1) // local_ranks)
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", per_rank)))
         ops.build(["ShareMemCommBuilder"])  # the CPU all-reduce op init_distributed would compile unguarded
-    deepspeed.init_distributed(dist_backend=backend(), timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False)
+    _collective_timeout = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=backend(), timeout=_collective_timeout, auto_mpi_discovery=False)
     if not torch.cuda.is_available():
         ops.unlink_shm_allreduce_buffer()  # every rank has mapped every buffer: the /dev/shm name can go before a crash
 
@@ -188,7 +195,7 @@ def _control_group():
     world = dist.group.WORLD
     group = _control[1]() if _control is not None and _control[0]() is world else None
     if group is None:
-        group = dist.new_group(backend="gloo")
+        group = dist.new_group(backend="gloo", timeout=_collective_timeout)
         _control = (weakref.ref(world), weakref.ref(group))
     return group
 

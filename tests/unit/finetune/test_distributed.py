@@ -1,6 +1,14 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from finetune.distributed import _env_from_launcher
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_openmpi_variables_map_to_torch_env():
@@ -47,3 +55,39 @@ def test_cuda_index_is_the_local_rank_among_the_visible_gpus(monkeypatch, visibl
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     assert distributed.cuda_index() == expected
     assert distributed.device() == torch.device("cuda", expected)
+
+
+# Runs the LoRA recipe's entry point until the process group exists, then prints the timeouts of the two groups the
+# engine uses (the training group and the gloo group for rank 0's answers), read back from torch, and stops.
+_READ_BACK_TIMEOUTS = """
+import json, sys
+import torch
+from finetune import distributed, engine
+
+real_init = distributed.init
+
+def init_then_report(*args, **kwargs):
+    real_init(*args, **kwargs)
+    groups = {"world": torch.distributed.group.WORLD, "control": distributed._control_group()}
+    timeouts = {k: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for k, g in groups.items()}
+    print("TIMEOUTS", json.dumps(timeouts), flush=True)
+    raise SystemExit(0)  # engine.main's finally destroys the group
+
+distributed.init = init_then_report
+engine.main(defaults={"method": {"name": "lora"}}, methods=("lora", "qlora"), argv=sys.argv[1:])
+"""
+
+
+def test_collective_timeout_is_the_timeout_of_every_process_group(tiny_llama_dir, tmp_path):
+    """``train.collective_timeout_s`` on the command line bounds the collectives of a real (gloo, world of one)
+    process group made by the engine, and of the group that carries rank 0's answers (``broadcast_from_main``)."""
+    args = ["--config", "finetune/configs/lora.yaml", f"model.name_or_path={tiny_llama_dir}"]
+    args += [f"data.train={tmp_path / 'unused'}", f"output_dir={tmp_path / 'out'}", "train.collective_timeout_s=123"]
+    # A world of its own: not the pytest process's (some fixtures set RANK/MASTER_PORT for an in-process engine).
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", _READ_BACK_TIMEOUTS, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("TIMEOUTS ")), None)
+    assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads(line.split(" ", 1)[1]) == {"world": 123.0, "control": 123.0}
