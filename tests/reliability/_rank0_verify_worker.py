@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 COLLECTIVE_TIMEOUT_S = 4.0
@@ -50,9 +49,10 @@ def main(rank: str, world: str, port: str, root: str, out: str) -> None:
     os.environ.update(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     import torch.distributed as tdist
 
-    tdist.init_process_group(
-        "gloo", rank=int(rank), world_size=int(world), timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    )
+    from finetune import distributed
+
+    # As the engine does: the timeout bounds the default group and the gloo group that carries rank 0's answers.
+    distributed.init(timeout_s=COLLECTIVE_TIMEOUT_S)
     from finetune import checkpoint as ck
     from finetune.watchdog import StepWatchdog
 
