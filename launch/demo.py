@@ -13,6 +13,9 @@ Steps, each the tool a user would run themselves:
    finetune/configs/demo.yaml ...`` (2 CPU ranks, ZeRO-2; hyper-parameters live in that YAML);
 5. greedy-decode again with ``output_dir/final``: accuracy *after*; print and save a short report
    (``demo_out/report.json``).
+
+Exit status: 0 only if held-out accuracy rose by at least ``MIN_ACCURACY_GAIN`` (``--min-accuracy-gain``),
+``EXIT_DID_NOT_LEARN`` if it did not, 1 if a step failed.
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ MODEL_SHAPE = {
 TOKENIZER_VOCAB = 300
 # Answers are at most "1 9 8" (3 digit tokens) + end of turn; a couple more lets a wrong model show its babble.
 MAX_NEW_TOKENS = 6
+# The demo's claim is that fine-tuning teaches the task, so it fails unless held-out exact match rises by this much.
+# Measured with the default 1500 steps: 0.0% -> 95.5% (README; seeded, the same again on 2026-11-25), 93% after 1200;
+# plain PyTorch reached 4% with a 600-step schedule (finetune/configs/demo.yaml); chance is ~1/199. 80 points leaves
+# ~15 for platform drift below the measured 95.5% and still fails a run that learns markedly slower (a loss-scale or
+# data bug).
+MIN_ACCURACY_GAIN = 0.80
+# Distinct from 1 (a step failed) so that a script can tell "the pipeline broke" from "it ran but did not learn".
+EXIT_DID_NOT_LEARN = 5
 
 
 class DemoError(RuntimeError):
@@ -211,6 +222,24 @@ def gpu_command(num_gpus: int = 1) -> str:
     )
 
 
+def check_learned(accuracy_before: float, accuracy_after: float, min_gain: float = MIN_ACCURACY_GAIN) -> str | None:
+    """Why the demo failed to show learning, or None when held-out accuracy rose by at least ``min_gain``.
+
+    Args:
+        accuracy_before: exact match of the base model (0..1).
+        accuracy_after: exact match of the fine-tuned model (0..1).
+        min_gain: the required rise, a fraction (0.8 = 80 percentage points).
+    """
+    gain = accuracy_after - accuracy_before
+    if gain >= min_gain - 1e-9:  # accuracies are k/n: no float noise decides a tie
+        return None
+    return (
+        f"held-out accuracy rose {accuracy_before:.1%} -> {accuracy_after:.1%} ({gain * 100:+.1f} points), "
+        f"less than the {min_gain * 100:.0f} points the demo requires: the fine-tune did not learn the task. "
+        "A shortened run (train.max_steps) learns less; pass --min-accuracy-gain 0 to check only the pipeline"
+    )
+
+
 def read_losses(metrics: Path) -> list[tuple[int, float]]:
     """``(step, loss)`` of the training rows of a run's ``metrics.jsonl``."""
     rows = read_jsonl(metrics)
@@ -223,6 +252,7 @@ def run_demo(
     n_eval: int | None = None,
     ranks: int = 2,
     log=print,
+    min_accuracy_gain: float = MIN_ACCURACY_GAIN,
 ) -> dict:
     """Run the whole demo; return the report (also written to ``out_dir/report.json``).
 
@@ -232,6 +262,7 @@ def run_demo(
         n_eval: held-out samples to score (default: all of ``eval.jsonl``).
         ranks: DeepSpeed processes (CPU ranks here, GPUs on a GPU box).
         log: where progress lines go.
+        min_accuracy_gain: the rise in held-out accuracy the report's ``learned`` requires (``check_learned``).
     """
     import shutil
 
@@ -290,6 +321,8 @@ def run_demo(
         "n_eval": len(eval_records),
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
+        "min_accuracy_gain": min_accuracy_gain,
+        "learned": check_learned(acc_before, acc_after, min_accuracy_gain) is None,
         "loss_first": losses[0][1],
         "loss_last": losses[-1][1],
         "steps": losses[-1][0],
@@ -334,6 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, default=None, help="held-out questions to score (default: all 200)")
     p.add_argument("--ranks", type=int, default=2, help="deepspeed processes (--num_gpus)")
     p.add_argument("--evaluate", metavar="MODEL_DIR", help="only score MODEL_DIR (full model or PEFT adapter)")
+    p.add_argument(
+        "--min-accuracy-gain",
+        type=float,
+        default=MIN_ACCURACY_GAIN,
+        help=f"exit {EXIT_DID_NOT_LEARN} unless held-out accuracy rose by this fraction (default {MIN_ACCURACY_GAIN})",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides for finetune/configs/demo.yaml")
     args = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -349,12 +388,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"exact match {acc:.1%} on {len(rows)} held-out questions ({args.evaluate})")
         return 0
     try:
-        report = run_demo(args.out_dir, args.overrides, args.n_eval, args.ranks)
+        report = run_demo(
+            args.out_dir, args.overrides, args.n_eval, args.ranks, min_accuracy_gain=args.min_accuracy_gain
+        )
     except DemoError as e:
         print(f"launch.demo: {e}", file=sys.stderr)
         return 1
     print(format_report(report))
     print(f"report: {Path(args.out_dir) / 'report.json'}")
+    shortfall = check_learned(report["accuracy_before"], report["accuracy_after"], args.min_accuracy_gain)
+    if shortfall:
+        print(f"launch.demo: {shortfall}", file=sys.stderr)
+        return EXIT_DID_NOT_LEARN
     return 0
 
 
