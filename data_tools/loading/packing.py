@@ -51,7 +51,8 @@ class FirstFitPacker:
     Only the ``window`` most recent rows stay open; opening one more emits the oldest. A bounded window keeps the
     cost per sample O(window) and makes it work on streams (WebDataset) as well as on a known list (mmap), while
     first-fit over 64 open rows already fills >= 97% of tokens on SFT-like lengths (see benchmarks/loader_throughput).
-    Rows are emitted in the order they were opened, so the output is a deterministic function of the input order.
+    Rows are emitted in the order they were opened, except rows that fill up exactly, which go out at once; either
+    way the output is a deterministic function of the input order.
     """
 
     def __init__(self, capacity: int, window: int = 64):
