@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not gpu" -rs --durations=15 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
