@@ -35,8 +35,9 @@ STAGE3_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed default 1e5: params smaller 
 STAGE3_MAX_LIVE = 1_000_000_000  # DeepSpeed default 1e9
 STAGE3_MAX_REUSE = 1_000_000_000  # DeepSpeed default 1e9
 STAGE3_SUB_GROUP = 1_000_000_000  # DeepSpeed default 1e9
-# fp16 dynamic loss scaling: loss_scale 0 = dynamic; start at 2**16, halve on overflow after `hysteresis` overflows,
-# double after `loss_scale_window` clean steps (DeepSpeed's documented defaults).
+# fp16 dynamic loss scaling: loss_scale 0 = dynamic; start at 2**16, double after `loss_scale_window` clean steps
+# (DeepSpeed's documented defaults). On overflow ZeRO 1-3 halve after `hysteresis` overflows; ZeRO-0's fused fp16
+# optimizer ignores hysteresis and halves on every one (deepspeed/runtime/fp16/fused_optimizer.py _update_scale).
 FP16_SECTION = {
     "enabled": True,
     "loss_scale": 0,
