@@ -318,10 +318,12 @@ def flops_per_token(params: dict[str, int], method: str) -> float:
     Full: 6·N (forward 2, backward 4 per weight). LoRA: 4·N_base + 6·N_lora (the frozen base skips its weight
     gradients, 2 FLOPs per weight), N_base excluding the input embedding.
     """
+    from finetune.metrics import flops_per_token as fpt
+
     if method == "full":
-        return 6.0 * params["base_matmul"]
+        return fpt(trainable_matmul=params["base_matmul"], frozen_matmul=0)
     if method == "lora":
-        return 4.0 * params["base_matmul"] + 6.0 * params["lora"]
+        return fpt(trainable_matmul=params["lora"], frozen_matmul=params["base_matmul"])
     raise ValueError(f"flops_per_token: method={method!r}, expected full or lora")
 
 
@@ -333,10 +335,10 @@ def peak_flops(device_name: str | None, precision: str, tf32: bool = True) -> fl
 
 
 def mfu(tokens_per_s: float, flops_token: float, peak_per_device: float | None, devices: int) -> float | None:
-    """Model FLOPs utilization: ``tokens_per_s · flops_token / (peak_per_device · devices)`` (None without a peak)."""
-    if peak_per_device is None or devices < 1 or tokens_per_s <= 0:
-        return None
-    return tokens_per_s * flops_token / (peak_per_device * devices)
+    """Model FLOPs utilization: ``finetune.metrics.mfu`` (one formula for the engine and the benchmarks)."""
+    from finetune.metrics import mfu as utilization
+
+    return utilization(flops_token, tokens_per_s, peak_per_device, devices)
 
 
 # ---------------------------------------------------------------------------------------------- reading results

@@ -34,7 +34,7 @@ from finetune.checkpoint import CheckpointError, find_resume_checkpoint, load_ch
 from finetune.config import Config, ConfigError, to_dict
 from finetune.data import check_sources, report_lengths, resolve_data, serving_settings, source_meta
 from finetune.export import SERVING_FILE, save_generation_config, set_stop_ids
-from finetune.metrics import MetricsLogger, memory_stats, mfu
+from finetune.metrics import MetricsLogger, flops_per_token, matmul_params, memory_stats, mfu, peak_flops_per_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         )
     ops.build(needed)  # before the model: a missing op or a slow first compile shows up before a big load
     model = load_model(cfg, ds_config, precision, hf_attn)
-    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    fpt = flops_per_token(*matmul_params(model))  # the benchmarks' convention: 4 per frozen weight, 6 per trainable
+    peak = peak_flops_per_gpu(precision, cfg.tf32)
 
     def schedule(opt):
         return torch.optim.lr_scheduler.LambdaLR(
@@ -251,7 +252,7 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                     # exact sums over the row's `steps` steps, for benchmarks over many rows
                     last.update(real_tokens=real_tokens, step_time_s=dt, steps=steps)
                     last.update(
-                        mfu=mfu(num_params, tokens_per_s, dist.world_size(), precision, cfg.tf32),
+                        mfu=mfu(fpt, tokens_per_s, peak, dist.world_size()),
                         skipped=not engine.was_step_applied(),
                     )
                     metrics.log({**last, **memory_stats()})

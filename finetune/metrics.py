@@ -61,13 +61,38 @@ def peak_flops_per_gpu(precision: str = "bf16", tf32: bool = True) -> float | No
     return peak_flops(torch.cuda.get_device_name(), precision, tf32)
 
 
-def mfu(num_params: int, tokens_per_s: float, world_size: int, precision: str = "bf16", tf32: bool = True):
-    """Model FLOPs utilization: 6·N·tokens/s over the summed peak of all ranks at the run's precision (None when the
-    peak is unknown)."""
-    peak = peak_flops_per_gpu(precision, tf32)
-    if peak is None or tokens_per_s <= 0:
+def flops_per_token(trainable_matmul: int, frozen_matmul: int) -> float:
+    """Training FLOPs per token, the one convention of the engine and the benchmarks: 6 per trainable weight
+    (forward 2, input gradient 2, weight gradient 2) and 4 per frozen one (no weight gradient), matmul weights only
+    (the input embedding is a lookup; a tied one counts once, as the LM head). Attention scores are not counted
+    (PaLM, Chowdhery et al. 2022 app. B). Full fine-tuning: 6·N; LoRA: 4·N_base + 6·N_lora."""
+    return 6.0 * trainable_matmul + 4.0 * frozen_matmul
+
+
+def matmul_params(model) -> tuple[int, int]:
+    """(trainable, frozen) counts of ``model``'s weights that do matmuls: every parameter but an untied input
+    embedding; ZeRO-3 partitions and 4-bit codes counted at their full size."""
+    from finetune.methods import param_numel
+
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lookup = emb.weight if emb is not None and (out is None or out.weight is not emb.weight) else None
+    trainable = frozen = 0
+    for p in model.parameters():
+        if p is lookup:
+            continue
+        if p.requires_grad:
+            trainable += param_numel(p)
+        else:
+            frozen += param_numel(p)
+    return trainable, frozen
+
+
+def mfu(flops_token: float, tokens_per_s: float, peak_per_device: float | None, devices: int) -> float | None:
+    """Model FLOPs utilization: ``tokens_per_s · flops_token / (peak_per_device · devices)`` (None without a peak)."""
+    if peak_per_device is None or devices < 1 or tokens_per_s <= 0:
         return None
-    return 6.0 * num_params * tokens_per_s / (peak * world_size)
+    return tokens_per_s * flops_token / (peak_per_device * devices)
 
 
 def memory_stats() -> dict:

@@ -23,15 +23,21 @@ def get_method(name: str) -> ModuleType:
         raise ValueError(f"method.name={name!r}: expected one of {', '.join(METHODS)}") from None
 
 
+def param_numel(p) -> int:
+    """The number of weights ``p`` stands for: ZeRO-3 partitions at full size, 4-bit codes one each."""
+    n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor; ds_numel is the real size
+    # bitsandbytes packs 4-bit codes into the storage dtype: 2 per uint8 element, 4 per bf16 element (the storage
+    # dsft's QLoRA uses, so that ZeRO-3 can partition them)
+    if p.__class__.__name__ == "Params4bit":
+        n *= 2 * p.element_size()
+    return n
+
+
 def trainable_report(model) -> tuple[int, int, str]:
     """(trainable, total, one-line report) counting ZeRO-3 partitioned parameters at their full size."""
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor; ds_numel is the real size
-        # bitsandbytes packs 4-bit codes into the storage dtype: 2 per uint8 element, 4 per bf16 element (the
-        # storage dsft's QLoRA uses, so that ZeRO-3 can partition them)
-        if p.__class__.__name__ == "Params4bit":
-            n *= 2 * p.element_size()
+        n = param_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     pct = 100.0 * trainable / max(total, 1)

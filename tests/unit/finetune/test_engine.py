@@ -8,7 +8,7 @@ import pytest
 
 from finetune.config import load_config
 from finetune.engine import TrainingAborted, _count_bad_step
-from finetune.metrics import MetricsLogger, mfu
+from finetune.metrics import MetricsLogger, flops_per_token, matmul_params, mfu, peak_flops_per_gpu
 
 NAN = float("nan")
 
@@ -84,10 +84,27 @@ def test_mfu_is_none_without_a_known_gpu():
     import torch
 
     if torch.cuda.is_available():
-        value = mfu(10**9, 1000.0, 1)  # None only for a GPU missing from the peak table
+        value = mfu(6e9, 1000.0, peak_flops_per_gpu(), 1)  # None only for a GPU missing from the peak table
         assert value is None or 0 < value < 1
     else:
-        assert mfu(10**9, 1000.0, 2) is None  # CPU: no peak to compare with
+        assert peak_flops_per_gpu() is None and mfu(6e9, 1000.0, None, 2) is None  # CPU: no peak to compare with
+
+
+def test_flops_per_token_counts_matmul_weights_of_the_real_model(tiny_llama_dir):
+    """6 per trainable weight, 4 per frozen one, the input embedding (a lookup) left out: the benchmark's convention."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    assert matmul_params(model) == (total - embedding, 0)
+    assert flops_per_token(*matmul_params(model)) == 6 * (total - embedding)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert matmul_params(lora) == (trainable, total - embedding)
+    assert flops_per_token(*matmul_params(lora)) == 6 * trainable + 4 * (total - embedding)
 
 
 def test_raw_jsonl_is_converted_once_and_redone_when_unfinished(tmp_path, tiny_tokenizer):
@@ -158,4 +175,4 @@ def test_mfu_uses_the_peak_of_the_gpu_and_precision(monkeypatch, name, precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
-    assert mfu(10**9, 1e4, 2, precision, tf32) == pytest.approx(6 * 10**9 * 1e4 / (tflops * 1e12 * 2))
+    assert mfu(6e9, 1e4, peak_flops_per_gpu(precision, tf32), 2) == pytest.approx(6e9 * 1e4 / (tflops * 1e12 * 2))
