@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
+
+from finetune.distributed import free_port as _free_port
 
 # TinyLlama-1.1B: 22 layers, hidden 2048, MLP 5632, 32 heads with 4 KV heads (GQA), vocab 32000.
 SHAPE = dict(
@@ -36,12 +37,6 @@ CASES = [
     for micro, ckpt in ((1, True), (4, True), (1, False), (2, False))
 ]
 TARGET = 0.15
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure_case(

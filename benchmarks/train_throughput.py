@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from finetune.distributed import free_port as _free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = REPO / "benchmarks" / "peer_hf_trainer.py"
@@ -425,12 +426,6 @@ def peer_ds_config(zero_stage: int, precision: str) -> dict:
         "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": "auto",
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_env(world: int) -> dict[str, str]:

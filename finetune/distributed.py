@@ -22,7 +22,9 @@ import torch.distributed as dist
 from finetune import ops
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host right now (the OS picks it): for rendezvous of runs and tests that may start at the
+    same time as others, which must never share 29500. The one copy: tests, benchmarks and the demo import it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -72,7 +74,7 @@ def init(timeout_s: int = 1800) -> None:
     if "RANK" not in os.environ:  # plain `python recipe.py`: a world of one on this host
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     if torch.cuda.is_available():

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -170,10 +169,10 @@ def exact_match(model_dir: str | Path, records: Sequence[dict], batch_size: int 
 
 
 def free_port() -> int:
-    """A TCP port free right now, for the rendezvous: the default 29500 may be taken by another run on this machine."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free right now (``finetune.distributed.free_port``, imported late: this CLI starts without torch)."""
+    from finetune.distributed import free_port as port
+
+    return port()
 
 
 def train_command(

@@ -32,15 +32,10 @@ from finetune.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from finetune.distributed import free_port as _free_port
 from finetune.watchdog import EXIT_STEP_TIMEOUT, StepWatchdog
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

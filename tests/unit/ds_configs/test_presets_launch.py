@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from ds_configs.build import PRESETS
+from finetune.distributed import free_port as _free_port
 
 SCRIPT = Path(__file__).with_name("presets_step.py")
 REPO = Path(__file__).resolve().parents[3]
-
-
-def _free_port() -> int:
-    # Other launcher tests may hold DeepSpeed's default 29500 at the same time.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_every_preset_initializes_and_steps_on_two_cpu_ranks(tiny_llama_dir, tmp_path):

@@ -32,16 +32,14 @@ def test_qlora_weights_are_in_the_training_dtype_after_deepspeed_initialize(tiny
     """bf16 QLoRA on ZeRO-2: norms, embeddings and adapters bf16 on the module (what DeepSpeed computes with), the
     adapters' fp32 master copy in the optimizer, the 4-bit codes untouched; and a step trains the adapters."""
     import os
-    import socket
 
     import deepspeed
 
     from finetune.config import load_config
+    from finetune.distributed import free_port
     from finetune.model import load_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_PORT", str(port))
