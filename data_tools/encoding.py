@@ -189,17 +189,18 @@ class SampleEncoder:
             where = self.template.path or f"the {self.template.source} chat template"
             raise FormatError(f"{where}: not a valid Jinja template ({exc})") from exc
 
+    def _rust_agrees(self, probe: list[str], add_special_tokens: bool) -> bool:
+        """Whether the Rust batch encoder gives ``tokenizer(probe)``'s ids: it then replaces the call, minus its
+        Python work per text. A tokenizer whose Python side changes the ids (rare) is caught on the first batch."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return False
+        rust = self.tokenizer.backend_tokenizer.encode_batch(probe, add_special_tokens=add_special_tokens)
+        return [e.ids for e in rust] == self.tokenizer(probe, add_special_tokens=add_special_tokens)["input_ids"]
+
     # -- text -------------------------------------------------------------------------------------------------------
     def _encode_texts(self, texts: list[str]) -> list[list[int]]:
         if self._rust_text is None:
-            # The Rust batch encoder without offsets computes what tokenizer(text) does, minus the Python work per
-            # call; a tokenizer whose Python side changes the ids (rare) is caught here on the first batch.
-            rust = bool(getattr(self.tokenizer, "is_fast", False))
-            if rust:
-                probe = texts[:8]
-                rust_ids = [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(probe)]
-                rust = rust_ids == self.tokenizer(probe)["input_ids"]
-            self._rust_text = rust
+            self._rust_text = self._rust_agrees(texts[:8], add_special_tokens=True)
         if self._rust_text:
             return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=True)]
         return self.tokenizer(texts)["input_ids"]
@@ -360,17 +361,9 @@ class SampleEncoder:
 
     def _ids_and_offsets(self, texts: list[str]) -> list[tuple[list[int], np.ndarray]]:
         if self._rust_chat is None:
-            # What apply_chat_template(tokenize=True) does is tokenizer(text, add_special_tokens=False); the Rust
-            # encoder gives the same ids without converting every offset to Python (a third of the SFT conversion
-            # time). A tokenizer whose Python side changes the ids is caught on the first batch, as for text.
-            rust = bool(getattr(self.tokenizer, "is_fast", False))
-            if rust:
-                probe = texts[:8]
-                rust_ids = [
-                    e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(probe, add_special_tokens=False)
-                ]
-                rust = rust_ids == self.tokenizer(probe, add_special_tokens=False)["input_ids"]
-            self._rust_chat = rust
+            # apply_chat_template(tokenize=True) calls tokenizer(text, add_special_tokens=False); the Rust encoder
+            # gives the offsets without converting each one to Python (a third of the SFT conversion time).
+            self._rust_chat = self._rust_agrees(texts[:8], add_special_tokens=False)
         if self._rust_chat:
             encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
             return [(e.ids, np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)) for e in encodings]

@@ -215,8 +215,9 @@ def length_report(key: str, source: str, meta: dict[str, Any] | None, cfg: Confi
         has_mask, sizes = wds.has_loss_mask, np.concatenate([np.zeros(0, np.int64), *wds.sample_lengths()])
     else:
         from data_tools import indexed
+        from data_tools.convert import LOSS_MASK_SUFFIX
 
-        has_mask = indexed.exists(f"{source}_loss_mask")
+        has_mask = indexed.exists(f"{source}{LOSS_MASK_SUFFIX}")
         sizes = np.asarray(indexed.IndexedDataset(source).sizes, dtype=np.int64)
     if has_mask or cfg.packing != "packed":
         over = sizes > cfg.data.seq_len

@@ -33,7 +33,7 @@ from finetune import ops
 from finetune.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from finetune.config import Config, ConfigError, to_dict
 from finetune.data import check_sources, report_lengths, resolve_data, serving_settings, source_meta
-from finetune.export import SERVING_FILE, save_generation_config, set_stop_ids
+from finetune.export import SERVING_FILE, save_for_serving
 from finetune.metrics import MetricsLogger, flops_per_token, matmul_params, memory_stats, mfu, peak_flops_per_gpu
 
 logger = logging.getLogger(__name__)
@@ -476,14 +476,12 @@ def save_final(engine, cfg: Config, tokenizer, final_dir: Path, stop_ids: list[i
         ctx = deepspeed.zero.GatheredParameters(trainable, modifier_rank=None) if zero3 else nullcontext()
         with ctx:
             if dist.is_main():
-                module.save_pretrained(final_dir, safe_serialization=True)
-                save_generation_config(module, final_dir, stop_ids)
+                save_for_serving(module, final_dir, stop_ids, peft=True)
     else:
         state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
         if dist.is_main():
             state = state if zero3 else {k: v.detach().cpu() for k, v in module.state_dict().items()}
-            set_stop_ids(module.generation_config, stop_ids)
-            module.save_pretrained(final_dir, state_dict=state, safe_serialization=True)
+            save_for_serving(module, final_dir, stop_ids, peft=False, state_dict=state)
     if dist.is_main():
         tokenizer.save_pretrained(final_dir)
     dist.barrier()

@@ -42,6 +42,17 @@ def set_stop_ids(generation_config, stop_ids: list[int] | None) -> None:
         generation_config.eos_token_id = list(stop_ids)
 
 
+def save_for_serving(model, out_dir: str | Path, stop_ids: list[int] | None, peft: bool, state_dict=None) -> None:
+    """``save_pretrained`` (safetensors) so that ``generate()`` stops on ``stop_ids``: a full model carries them in its
+    own generation config, a PEFT adapter folder in a ``generation_config.json`` beside it."""
+    if peft:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        save_generation_config(model, out_dir, stop_ids)
+    else:
+        set_stop_ids(model.generation_config, stop_ids)
+        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+
+
 def save_generation_config(model, out_dir: str | Path, stop_ids: list[int] | None) -> None:
     """Write ``model``'s generation config with ``stop_ids`` into ``out_dir``, for adapter folders:
     ``PeftModel.save_pretrained`` writes none, and a base model's own would stop on its eos only."""
@@ -139,12 +150,7 @@ def consolidate_zero(checkpoint: str | Path, out_dir: str | Path, run_config: st
     tokenizer = load_tokenizer(cfg)
     if serving.get("chat_template"):
         tokenizer.chat_template = serving["chat_template"]
-    if cfg.is_peft:
-        model.save_pretrained(out_dir, safe_serialization=True)
-        save_generation_config(model, out_dir, serving.get("stop_token_ids"))
-    else:
-        set_stop_ids(model.generation_config, serving.get("stop_token_ids"))
-        model.save_pretrained(out_dir, safe_serialization=True)
+    save_for_serving(model, out_dir, serving.get("stop_token_ids"), peft=cfg.is_peft)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
