@@ -74,12 +74,13 @@ def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> 
     """
     from data_tools.meta import vocab_hash
 
+    from finetune.preflight import data_path_problem
+
     p = Path(path)
-    if p.name == "index.json":  # WebDataset shards: the loader checks them
-        return str(p)
+    problem = data_path_problem(path, key)  # the same check `dsft train` runs before launch
+    if problem:
+        raise ConfigError(problem)
     if is_raw(path):
-        if not p.exists():
-            raise ConfigError(f"{key}: data file {p} does not exist")
         d = cfg.data
         st = p.stat()
         template = hashlib.sha256(Path(d.chat_template).read_bytes()).hexdigest() if d.chat_template else None
@@ -120,9 +121,9 @@ def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> 
         if error:
             raise ConfigError(error)
         return str(prefix)
-    if not Path(f"{p}.idx").exists():
-        raise ConfigError(f"{key}={p}: expected an mmap prefix ({p}.bin/.idx), an index.json or a .jsonl file")
-    return str(p)  # checked against the tokenizer and the model by check_sources
+    if p.is_dir():  # a WebDataset folder given instead of its index
+        return str(p / "index.json")
+    return str(p)  # mmap prefix or WebDataset index: checked against the tokenizer and the model by check_sources
 
 
 def check_sources(sources: list[str | None], tokenizer, vocab_size: int) -> None:

@@ -35,36 +35,47 @@ class LaunchError(ValueError):
     """Launcher flags that cannot work together; the message says which flag to change."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``launch.run`` argument parser: DeepSpeed launcher flags (same names) plus ``--slurm`` and ``--dry-run``."""
-    p = argparse.ArgumentParser(
-        prog="python -m launch.run",
-        description="Run a dsft recipe under the deepspeed launcher (one node, a hostfile, or SLURM).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
+    """The launcher flags, shared by ``python -m launch.run`` and ``dsft train``: DeepSpeed's names
+    (``--num_gpus``), each also spelled with dashes (``--num-gpus``), plus ``--slurm``, ``--slots`` and ``--dry-run``."""
+
+    def both(name: str) -> list[str]:
+        return [f"--{name}", f"--{name.replace('_', '-')}"] if "_" in name else [f"--{name}"]
+
     g = p.add_argument_group("one node")
-    g.add_argument("--num_gpus", type=int, help="processes (GPUs, or CPU ranks on a CPU box) per node")
+    g.add_argument(
+        *both("num_gpus"), dest="num_gpus", type=int, help="processes (GPUs, or CPU ranks on a CPU box) per node"
+    )
     g = p.add_argument_group("many nodes")
     g.add_argument("--hostfile", help="MPI-style hostfile, one 'host slots=N' line per node (launch/hostfile.example)")
-    g.add_argument("--num_nodes", type=int, help="use only the first N hosts of the hostfile")
+    g.add_argument(*both("num_nodes"), dest="num_nodes", type=int, help="use only the first N hosts of the hostfile")
     g.add_argument("--include", help="deepspeed resource filter, e.g. 'worker-0@worker-1:0,2'")
     g.add_argument("--exclude", help="deepspeed resource filter, e.g. 'worker-1:0'")
-    g.add_argument("--master_addr", help="address of rank 0's node, reachable from every node")
-    g.add_argument("--master_port", type=int, help=f"rendezvous port (deepspeed default {DEFAULT_MASTER_PORT})")
+    g.add_argument(*both("master_addr"), dest="master_addr", help="address of rank 0's node, reachable from every node")
+    g.add_argument(
+        *both("master_port"),
+        dest="master_port",
+        type=int,
+        help=f"rendezvous port (deepspeed default {DEFAULT_MASTER_PORT})",
+    )
     g.add_argument(
         "--launcher",
         choices=LAUNCHERS,
         help="how deepspeed starts remote ranks (default pdsh, over ssh). The MPI ones and slurm start ranks with "
         "mpirun/srun; finetune.distributed maps their rank variables (needs MASTER_ADDR exported to every rank)",
     )
-    g.add_argument("--launcher_args", help="extra arguments for the launcher backend, one quoted string")
     g.add_argument(
-        "--no_ssh",
+        *both("launcher_args"), dest="launcher_args", help="extra arguments for the launcher backend, one quoted string"
+    )
+    g.add_argument(
+        *both("no_ssh"),
+        dest="no_ssh",
         action="store_true",
         help="start this node's ranks only (run the same command on every node with its --node_rank)",
     )
-    g.add_argument("--node_rank", type=int, help="this node's index in the hostfile; only with --no_ssh")
+    g.add_argument(
+        *both("node_rank"), dest="node_rank", type=int, help="this node's index in the hostfile; only with --no_ssh"
+    )
     g = p.add_argument_group("SLURM")
     g.add_argument(
         "--slurm",
@@ -73,8 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
         "node, --no_ssh --node_rank SLURM_NODEID",
     )
     g.add_argument("--slots", type=int, help="with --slurm: processes per node (default: from the SLURM variables)")
-    p.add_argument("--dry-run", action="store_true", help="print the exact command (shell-quoted) and exit")
+    p.add_argument(
+        *both("dry_run"), dest="dry_run", action="store_true", help="print the exact command (shell-quoted) and exit"
+    )
     p.add_argument("--deepspeed", help="the deepspeed executable (default: next to this Python, else on PATH)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``launch.run`` argument parser: the launcher flags, then SCRIPT and its arguments."""
+    p = argparse.ArgumentParser(
+        prog="python -m launch.run",
+        description="Run a dsft recipe under the deepspeed launcher (one node, a hostfile, or SLURM).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    add_launcher_arguments(p)
     p.add_argument("script", help="the recipe, e.g. finetune/lora.py")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="the recipe's arguments, passed through untouched")
     return p

@@ -1,0 +1,146 @@
+"""``dsft train METHOD --config X.yaml [launcher flags] [--dry-run] [key=value ...]``: check, then launch the recipe.
+
+Examples::
+
+    dsft train lora --config finetune/configs/lora.yaml --num-gpus 8 model.name_or_path=Qwen/Qwen2.5-7B \\
+        data.train=data/chat.jsonl output_dir=runs/lora
+    dsft train full --config planned.yaml --hostfile hosts --master-addr 10.0.0.1      # a `dsft plan` YAML, as is
+    dsft train sft --config finetune/configs/sft.yaml --num-gpus 2 --dry-run          # print the deepspeed command
+
+METHOD sets ``method.name`` (``full``, ``lora``, ``qlora``, ``prefix``/``ptuning_v2``, ``prompt``/``prompt_tuning``);
+``sft`` runs the chat/instruction recipe with the config's method. Before any rank starts, the config is loaded,
+validated for the world size the launcher flags give, and checked against the files and the model's ``config.json``
+(``finetune.preflight.check_before_launch``): a mistake is one ``config error: KEY ...`` line in seconds, exit 2.
+Then the ``deepspeed`` command that ``python -m launch.run`` would build runs the recipe script with the same
+arguments, so ``deepspeed finetune/lora.py --config ...`` typed by hand trains the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from launch.run import LaunchError, add_launcher_arguments, build_command
+
+FINETUNE_DIR = Path(__file__).resolve().parent.parent / "finetune"
+# The recipe script per method (canonical names; aliases are resolved by the method registry first).
+RECIPES = {
+    "full": "full.py",
+    "lora": "lora.py",
+    "qlora": "lora.py",
+    "prefix": "ptuning_v2.py",
+    "prompt": "prompt_tuning.py",
+}
+SFT = "sft"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsft train",
+        description="Check a training config in seconds, then run its recipe under the deepspeed launcher.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument("method", help=f"{', '.join(RECIPES)}, an alias (ptuning_v2, prompt_tuning), or {SFT}")
+    p.add_argument("--config", help="the training YAML (finetune/configs/*.yaml, or one written by dsft plan)")
+    add_launcher_arguments(p)
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    return p
+
+
+def recipe_for(method: str) -> tuple[str, list[str]]:
+    """(recipe script path, leading overrides) for ``dsft train METHOD``.
+
+    Raises:
+        LaunchError: an unknown method, with the known names.
+    """
+    if method == SFT:
+        return str(FINETUNE_DIR / "sft.py"), []
+    from finetune.methods import get_method
+
+    try:
+        name = _canonical(get_method(method), method)
+    except ValueError as e:
+        raise LaunchError(f"METHOD {method!r}: {e}; or {SFT}") from None
+    if name not in RECIPES:
+        raise LaunchError(f"METHOD {method!r}: no recipe script trains it; use {SFT} (any registered method)")
+    return str(FINETUNE_DIR / RECIPES[name]), [f"method.name={name}"]
+
+
+def _canonical(method_obj, typed: str) -> str:
+    """The canonical name of a resolved method (a registry entry's ``name``, or the key the old module map used)."""
+    name = getattr(method_obj, "name", None)
+    if isinstance(name, str):
+        return name
+    from finetune.methods import METHODS
+
+    return next((k for k, v in METHODS.items() if v is method_obj and k == typed), typed)
+
+
+def world_size_of(cmd: Sequence[str]) -> int:
+    """How many ranks the ``deepspeed`` command starts: hosts (from ``--hostfile``, cut by ``--num_nodes``) × slots
+    (``--num_gpus`` when given), else this machine's GPUs (1 on a CPU box, where deepspeed starts one rank)."""
+    args = list(cmd)
+
+    def flag(name: str) -> str | None:
+        return args[args.index(name) + 1] if name in args else None
+
+    num_gpus = int(flag("--num_gpus")) if flag("--num_gpus") else None
+    hostfile = flag("--hostfile")
+    if hostfile:
+        slots = []
+        for line in Path(hostfile).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                parts = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
+                slots.append(int(parts.get("slots", 1)))
+        if flag("--num_nodes"):
+            slots = slots[: int(flag("--num_nodes"))]
+        return sum(num_gpus if num_gpus else s for s in slots)
+    if num_gpus:
+        return num_gpus
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return max(1, len([d for d in visible.split(",") if d.strip()]))
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``dsft train``: 0 after a successful run (or ``--dry-run``), 2 for a config or launcher error before launch,
+    else the launcher's exit status."""
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    from finetune.config import ConfigError, load_config
+    from finetune.preflight import check_before_launch
+
+    try:
+        script, leading = recipe_for(args.method)
+        script_args = (["--config", args.config] if args.config else []) + leading + list(args.overrides)
+        cmd = build_command(argparse.Namespace(**{**vars(args), "script": script, "script_args": script_args}))
+        world = world_size_of(cmd)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, leading + list(args.overrides))
+        cfg.validate(world)
+        check_before_launch(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    print(f"dsft train: {world} rank(s): {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
