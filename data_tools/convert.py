@@ -610,8 +610,11 @@ def _progress_bar(enabled: bool):
 def build_parser() -> argparse.ArgumentParser:
     """The ``dsft-convert`` / ``python -m data_tools.convert`` argument parser."""
     p = argparse.ArgumentParser(
-        prog="python -m data_tools.convert",
+        prog="dsft convert",
         description="Convert jsonl/json records into Megatron-compatible .bin/.idx (+ loss mask) or WebDataset shards.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  dsft convert --input launch/demo_data/train.jsonl --output-prefix data/train "
+        "--tokenizer MODEL_DIR --format messages\n  (then data.train=data/train in the training config)",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl or .json (array) files, in order")
     p.add_argument("--output-prefix", metavar="P", help="writes P.bin/.idx, P_loss_mask.bin/.idx (SFT), P.meta.json")

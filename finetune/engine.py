@@ -524,6 +524,7 @@ def main(
     import os
 
     from finetune.config import load_config
+    from finetune.preflight import check_before_launch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (see finetune/configs/)")
@@ -541,6 +542,7 @@ def main(
                 "use the matching recipe (full.py, lora.py, ptuning_v2.py, prompt_tuning.py) or sft.py"
             )
         cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
+        check_before_launch(cfg)  # files and the model's config.json: seconds, before any collective
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; one message is enough
             print(f"config error: {e}", file=sys.stderr)

@@ -157,7 +157,12 @@ def consolidate_zero(checkpoint: str | Path, out_dir: str | Path, run_config: st
 
 def main(argv: list[str] | None = None) -> int:
     """``dsft-export merge|zero ...``."""
-    parser = argparse.ArgumentParser(prog="dsft-export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dsft export",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[1],
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     m.add_argument("--adapter", required=True, help="adapter folder (output_dir/final)")
