@@ -2,6 +2,7 @@
 
     python -m launch.demo [--out-dir demo_out] [--n-eval 200] [--ranks 2] [key=value overrides for the recipe]
     python -m launch.demo --evaluate MODEL_DIR     # exact match of any model / adapter on the held-out split
+    dsft chat demo_out/run                           # then talk to the fine-tuned model
 
 Steps, each the tool a user would run themselves:
 
@@ -50,6 +51,8 @@ MODEL_SHAPE = {
 TOKENIZER_VOCAB = 300
 # Answers are at most "1 9 8" (3 digit tokens) + end of turn; a couple more lets a wrong model show its babble.
 MAX_NEW_TOKENS = 6
+# Held-out prompts per generate() call when scoring (the same with `dsft chat --prompts ... --batch-size 50`).
+EVAL_BATCH_SIZE = 50
 # The demo's claim is that fine-tuning teaches the task, so it fails unless held-out exact match rises by this much.
 # Measured with the default 1500 steps: 0.0% -> 95.5% (README; seeded, the same again on 2026-11-25), 93% after 1200;
 # plain PyTorch reached 4% with a 600-step schedule (finetune/configs/demo.yaml); chance is ~1/199. 80 points leaves
@@ -107,65 +110,30 @@ def convert(jsonl: Path, prefix: Path, tokenizer_dir: Path, log: Path) -> None:
     run_logged(cmd, log, f"converting {jsonl}")
 
 
-def load_for_generation(model_dir: str | Path):
-    """Load a full model or a PEFT adapter folder (``adapter_config.json``) and its tokenizer, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if (model_dir / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return model.eval(), tokenizer
-
-
-def exact_match(model_dir: str | Path, records: Sequence[dict], batch_size: int = 50) -> tuple[float, list[dict]]:
+def exact_match(
+    model_dir: str | Path, records: Sequence[dict], batch_size: int = EVAL_BATCH_SIZE
+) -> tuple[float, list[dict]]:
     """Greedy-decode each record's question and compare with its answer (last assistant turn), whitespace-stripped.
 
+    Scored through ``finetune.generation``, the code ``dsft chat --prompts`` and ``dsft eval --prompts`` use: the
+    model's own chat template and stop tokens, left-padded batches, answers cut at the first stop token.
+
     Args:
-        model_dir: a ``save_pretrained`` model or PEFT adapter directory with its tokenizer.
+        model_dir: a run dir, a ``save_pretrained`` model or a PEFT adapter directory with its tokenizer.
         records: ``messages`` records; everything before the last turn is the prompt.
         batch_size: prompts per ``generate`` call (left-padded).
 
     Returns:
         ``(accuracy, rows)`` with one ``{"prompt", "expected", "got", "ok"}`` row per record.
     """
-    import torch
+    from finetune import generation
 
-    model, tok = load_for_generation(model_dir)
-    tok.padding_side = "left"  # generation appends on the right, so pads go left
-    rows = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i : i + batch_size]
-        prompts = [
-            tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=False) for r in chunk
-        ]
-        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(
-                **batch,
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        answers = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        for r, got in zip(chunk, answers, strict=True):
-            expected = r["messages"][-1]["content"].strip()
-            rows.append(
-                {
-                    "prompt": r["messages"][-2]["content"],
-                    "expected": expected,
-                    "got": got.strip(),
-                    "ok": got.strip() == expected,
-                }
-            )
-    accuracy = sum(r["ok"] for r in rows) / max(len(rows), 1)
-    return accuracy, rows
+    # float32 whatever the device: the demo model is trained in fp32, and bf16 would change its greedy answers
+    loaded = generation.load_for_generation(model_dir, dtype="float32")
+    prompts = [generation.parse_prompt_record(r, line) for line, r in enumerate(records, 1)]
+    decoding = generation.Decoding(max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size)
+    accuracy, rows = generation.exact_match(loaded, prompts, decoding)
+    return accuracy, [{k: row[k] for k in ("prompt", "expected", "got", "ok")} for row in rows]
 
 
 def free_port() -> int:
@@ -381,7 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     eval_records = read_jsonl(DEMO_DATA / "eval.jsonl")[: args.n_eval]
     if args.evaluate:
-        acc, rows = exact_match(args.evaluate, eval_records)
+        from finetune.generation import GenerationError
+
+        try:
+            acc, rows = exact_match(args.evaluate, eval_records)
+        except GenerationError as e:  # not a model dir: one line naming it, no traceback
+            print(f"launch.demo: --evaluate {e}", file=sys.stderr)
+            return 2
         for r in rows[:5]:
             print(f"  {r['prompt']} -> {r['got']!r} (expected {r['expected']})")
         print(f"exact match {acc:.1%} on {len(rows)} held-out questions ({args.evaluate})")
