@@ -31,12 +31,12 @@ from ds_configs.build import (
 from ds_configs.memory import (
     MARGIN_FIXED_BYTES,
     MARGIN_FRACTION,
-    METHODS,
     Estimate,
     GiB,
     MethodSpec,
     ModelShape,
     estimate,
+    methods,
     shape_from_hf_config,
     shape_from_numbers,
 )
@@ -129,14 +129,15 @@ def _check(req: Request, stage: int, opt: str, par: str, micro: int, gc: bool) -
 
 
 def _qlora_refusal(req: Request, stage: int, par: str) -> str | None:
-    """Why the engine refuses this QLoRA strategy (finetune/config.py says the same), or None."""
-    if req.method.name != "qlora":
+    """Why the engine refuses this strategy for a quantized (QLoRA) base, or None: ``ds_configs.rules``, the rules
+    ``Config.validate`` applies too."""
+    from ds_configs import rules
+
+    bits = req.method.base_quant_bits
+    if bits is None:
         return None
-    if par != "none":
-        return "bitsandbytes 4/8-bit weights cannot be offloaded by ZeRO-3"
-    if stage == 3 and req.method.quant_bits == 8:
-        return "ZeRO-3 partitions 4-bit QLoRA weights only (--quant-bits 4)"
-    return None
+    violations = rules.check(stage, offload_params=par, quant_bits=bits, quantized_by=req.method.name)
+    return violations[0].reason if violations else None
 
 
 def evaluate(req: Request) -> list[Candidate]:
@@ -293,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--heads", type=int, help="attention heads (default hidden/128)")
     model.add_argument("--kv-heads", type=int, help="key/value heads for GQA (default = heads)")
     meth = p.add_argument_group("method")
-    meth.add_argument("--method", choices=METHODS, default="full")
+    meth.add_argument(
+        "--method", choices=methods(), default="full", help="a finetune.methods name or alias (e.g. ptuning_v2)"
+    )
     meth.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
     meth.add_argument("--lora-targets", nargs="*", help="linear names to adapt (default: all linears)")
     meth.add_argument("--quant-bits", type=int, default=4, choices=(4, 8), help="QLoRA base-weight bits")

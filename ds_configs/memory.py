@@ -37,10 +37,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds_configs import rules
 from ds_configs.build import STAGE3_PREFETCH_BUCKET, STAGE3_REDUCE_BUCKET, STAGE12_BUCKET, comm_bucket
 
 GiB = 1024**3
-METHODS = ("full", "lora", "qlora", "ptuning_v2", "prompt_tuning")
 # Fragmentation: PyTorch's caching allocator typically reserves 5-15% above max_memory_allocated on training loops.
 MARGIN_FRACTION = 0.10
 # CUDA context (~0.5 GiB on H100 with torch 2.x) + NCCL/cuBLAS workspaces: 1 GiB, not visible to max_memory_allocated.
@@ -234,11 +234,14 @@ class MethodSpec:
     """The fine-tuning method and its size knobs.
 
     Attributes:
-        name: ``full``, ``lora``, ``qlora``, ``ptuning_v2`` (deep prefix tuning) or ``prompt_tuning``.
+        name: a method of ``finetune.methods`` (``full``, ``lora``, ``qlora``, ``prefix``, ``prompt``, or one
+            registered later), or an alias (``ptuning_v2``, ``prompt_tuning``); stored as the canonical name.
         lora_r: LoRA rank.
         lora_targets: linear-layer names to adapt; None = every linear in the decoder layers ("all-linear").
-        quant_bits: QLoRA base-weight bits (4 or 8).
+        quant_bits: bits of a quantized base (QLoRA: 4 or 8).
         virtual_tokens: prefix / prompt length for P-Tuning v2 and prompt tuning.
+
+    ``finetune.methods.memory_spec(cfg)`` builds one from a training config.
     """
 
     name: str = "full"
@@ -248,29 +251,42 @@ class MethodSpec:
     virtual_tokens: int = 32
 
     def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise ValueError(f"--method {self.name!r}: expected one of {', '.join(METHODS)}")
-        if self.name == "qlora" and self.quant_bits not in QUANT_BYTES:
-            raise ValueError(f"--quant-bits {self.quant_bits}: QLoRA supports 4 or 8")
+        from finetune.methods import get_method  # the registry imports no torch and no training code
+
+        try:
+            method = get_method(self.name)
+        except ValueError as e:
+            raise ValueError(f"--method {self.name!r}: {e}") from None
+        object.__setattr__(self, "name", method.name)  # one spelling from here on: ptuning_v2 -> prefix
+        if method.memory.quantized and (why := rules.quant_bits_refusal(self.quant_bits)):
+            raise ValueError(f"--quant-bits {self.quant_bits}: {why}")
+
+    @property
+    def method(self):
+        """The registry's ``finetune.methods.Method``: what the memory model counts for it (``.memory``)."""
+        from finetune.methods import get_method
+
+        return get_method(self.name)
+
+    @property
+    def base_quant_bits(self) -> int | None:
+        """Bits of the frozen base when the method quantizes it, else None."""
+        return self.quant_bits if self.method.memory.quantized else None
+
+
+def methods() -> tuple[str, ...]:
+    """Every name ``--method`` accepts: the registry's canonical names and aliases."""
+    from finetune.methods import all_names
+
+    return all_names()
 
 
 def trainable_params(shape: ModelShape, method: MethodSpec) -> int:
-    """Trainable parameter count: all for full; ``r·(in+out)`` per adapted linear per layer for LoRA/QLoRA (PEFT's
-    A: r×in, B: out×r); ``virtual_tokens × layers × 2 × kv_dim`` for P-Tuning v2 (PEFT prefix tuning, a key and a
-    value prefix per layer, no reparameterisation MLP); ``virtual_tokens × hidden`` for prompt tuning.
+    """Trainable parameter count, from the method's ``memory.trainable_params`` (``finetune/methods/<m>.py``): all
+    for full; ``r·(in+out)`` per adapted linear per layer for LoRA/QLoRA; ``virtual_tokens × layers × 2 × kv_dim``
+    for P-Tuning v2; ``virtual_tokens × hidden`` for prompt tuning.
     """
-    if method.name == "full":
-        return shape.total_params
-    if method.name in ("lora", "qlora"):
-        targets = method.lora_targets
-        chosen = [(n, i, o) for n, i, o in shape.layer_linears if targets is None or n in targets]
-        if not chosen:
-            have = ", ".join(n for n, _, _ in shape.layer_linears)
-            raise ValueError(f"--lora-targets {targets}: none of them is a linear in the decoder layer ({have})")
-        return shape.num_layers * sum(method.lora_r * (i + o) for _, i, o in chosen)
-    if method.name == "ptuning_v2":
-        return method.virtual_tokens * shape.num_layers * 2 * shape.kv_dim
-    return method.virtual_tokens * shape.hidden_size
+    return method.method.memory.trainable_params(shape, method)
 
 
 @dataclass(frozen=True)
@@ -337,12 +353,12 @@ def model_state_bytes(
     opt_off = offload_optimizer != "none"
     par_off = offload_params != "none"
 
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage={zero_stage}: expected 0-3")
+    if message := rules.first_error(rules.check(zero_stage, offload_optimizer, offload_params), rules.ARGUMENT_KEYS):
+        raise ValueError(message)
     if zero_stage in (0, 1, 2):
-        if par_off:
-            raise ValueError(f"offload_params={offload_params} needs zero_stage 3 (got {zero_stage})")
         if zero_stage == 0:
-            if opt_off:
-                raise ValueError("optimizer offload needs zero_stage >= 1")
             gpu = (w + g + opt) * trainable + base
             cpu = load
         elif opt_off:
@@ -357,12 +373,8 @@ def model_state_bytes(
         else:
             gpu = w * trainable + base + int((g + opt) * trainable / n_gpus)
             cpu = load
-        if offload_optimizer == "nvme":
-            raise ValueError("NVMe offload (ZeRO-Infinity) needs zero_stage 3")
         return ModelStates(gpu=int(gpu), cpu=int(cpu))
 
-    if zero_stage != 3:
-        raise ValueError(f"zero_stage={zero_stage}: expected 0-3")
     gathered = 4 * largest_layer_params  # DeepSpeed: largest_layer_memory = 4 × largest_layer_params
     weights = w * trainable + base  # 16-bit weights (trainable + frozen base), partitioned over all GPUs
     states = opt * trainable  # fp32 partitions; stage 3 keeps no separate 16-bit gradient partition in the estimate
@@ -467,7 +479,7 @@ def buffer_bytes(shape: ModelShape, *, zero_stage: int, trainable: int, method: 
         reduce_b = min(comm_bucket(h, STAGE3_REDUCE_BUCKET), trainable)
         prefetch = int(0.9 * h * h) if h else STAGE3_PREFETCH_BUCKET
         out += 2 * (reduce_b + prefetch) * 2
-    if method.name == "qlora":
+    if method.base_quant_bits is not None:
         out += 2 * max(i * o for _, i, o in shape.layer_linears)  # one linear dequantised to 16-bit at a time
     return out
 
@@ -524,17 +536,20 @@ def estimate(
     Raises:
         ValueError: an impossible combination (parameter offload below stage 3, NVMe below stage 3 …).
     """
+    terms = method.method.memory
+    bits = method.base_quant_bits
+    violations = rules.check(zero_stage, offload_optimizer, offload_params, quant_bits=bits, quantized_by=method.name)
+    if message := rules.first_error(violations, rules.ARGUMENT_KEYS):
+        raise ValueError(message)
     trainable = trainable_params(shape, method)
-    if method.name == "full":
-        frozen, fb = 0, 2.0
-    elif method.name == "qlora":
+    # Added parameters (adapters, prompts) leave the whole base frozen; a method that trains base weights (full, a
+    # head-only method) freezes the rest.
+    frozen = shape.total_params - trainable if terms.trains_base else shape.total_params
+    if bits is not None:
         # Quantised: the decoder linears; embeddings, lm_head and norms stay 16-bit.
-        frozen = shape.total_params
-        fb = _qlora_base_bytes(shape, method.quant_bits, rest_bytes=2) / shape.total_params
+        fb = _qlora_base_bytes(shape, bits, rest_bytes=2) / shape.total_params
     else:
-        frozen, fb = shape.total_params, 2.0
-    if precision == "fp32" and method.name != "qlora":
-        fb = 4.0
+        fb = 4.0 if precision == "fp32" else 2.0
     states = model_state_bytes(
         trainable=trainable,
         frozen=frozen,
@@ -546,15 +561,15 @@ def estimate(
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         precision=precision,
-        load_bytes_per_param=4 if method.name == "full" else 2,
+        load_bytes_per_param=terms.load_bytes_per_param,
     )
-    if method.name == "qlora" and zero_stage == 3:
+    if bits is not None and zero_stage == 3:
         # bitsandbytes does not load under zero.Init: each rank places the whole quantised base on its GPU (the
-        # rest in the training dtype: finetune/methods/lora.py does not upcast it) before deepspeed.initialize
+        # rest in the training dtype: finetune/methods/qlora.py does not upcast it) before deepspeed.initialize
         # partitions it.
-        load_peak = _qlora_base_bytes(shape, method.quant_bits, rest_bytes=4 if precision == "fp32" else 2)
+        load_peak = _qlora_base_bytes(shape, bits, rest_bytes=4 if precision == "fp32" else 2)
         states = ModelStates(gpu=max(states.gpu, int(load_peak)), cpu=states.cpu, nvme=states.nvme)
-    seq = seq_len + (method.virtual_tokens if method.name == "prompt_tuning" else 0)
+    seq = seq_len + terms.extra_tokens(method)
     acts = activation_bytes(
         shape, seq_len=seq, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, precision=precision
     )

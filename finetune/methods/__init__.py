@@ -1,26 +1,55 @@
-"""One module per fine-tuning method, each with the same shape (like ``peft/tuners/<method>``):
+"""The fine-tuning methods: one module per method, each declaring one ``Method`` and registering it.
 
-- ``load_kwargs(cfg) -> dict``: extra ``from_pretrained`` arguments (QLoRA adds its ``BitsAndBytesConfig``);
-- ``prepare(model, cfg) -> nn.Module``: make the loaded base model trainable the method's way.
+    from finetune.methods import get_method
+    get_method("ptuning_v2").name          # -> "prefix" (aliases resolve to the canonical name)
+    get_method("lora").lr_range            # -> (1e-05, 0.002)
 
-Adding a method is copying a sibling and registering it below.
+Adding a method is one new file ``finetune/methods/<m>.py`` (every module here is imported below) that calls
+``register(Method(...))``; a method defined elsewhere (a test, a user's script) is registered with the same one call
+before ``finetune.engine.main`` runs. See ``finetune/methods/registry.py`` for what a ``Method`` declares. Every
+module here is like ``peft/tuners/<method>``: the same shape, so a new method starts as a copy of a sibling.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+import importlib
+import pkgutil
 
-from finetune.methods import full, lora, prefix, prompt
+from finetune.methods.registry import (
+    MemoryTerms,
+    Method,
+    UnknownMethod,
+    all_names,
+    get_method,
+    memory_spec,
+    names,
+    option,
+    register,
+    registered,
+    unregister,
+)
 
-METHODS: dict[str, ModuleType] = {"full": full, "lora": lora, "qlora": lora, "prefix": prefix, "prompt": prompt}
+__all__ = [
+    "MemoryTerms",
+    "Method",
+    "UnknownMethod",
+    "all_names",
+    "enable_gradient_checkpointing",
+    "get_method",
+    "memory_spec",
+    "names",
+    "option",
+    "param_numel",
+    "register",
+    "registered",
+    "trainable_report",
+    "unregister",
+]
 
-
-def get_method(name: str) -> ModuleType:
-    """The module implementing ``method.name``."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"method.name={name!r}: expected one of {', '.join(METHODS)}") from None
+# Every method module of this package registers itself on import (sorted: a stable order for --help and describe()).
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name != "registry" and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 
 def param_numel(p) -> int:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from finetune.config import Config
+from typing import TYPE_CHECKING
 
-IS_PEFT = False
+from finetune.methods.registry import MemoryTerms, Method, register
 
-
-def load_kwargs(cfg: Config, precision: str = "fp32") -> dict:
-    """No extra ``from_pretrained`` arguments: the base loads in ``model.dtype``."""
-    return {}
+if TYPE_CHECKING:
+    from ds_configs.memory import MethodSpec, ModelShape
+    from finetune.config import Config
 
 
 def prepare(model, cfg: Config):
@@ -20,3 +19,23 @@ def prepare(model, cfg: Config):
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def trainable_params(shape: ModelShape, spec: MethodSpec) -> int:
+    """Every parameter of the model."""
+    return shape.total_params
+
+
+FULL = register(
+    Method(
+        name="full",
+        summary="every weight trains; final/ is a complete model",
+        prepare=prepare,
+        # DeepSpeed's estimators assume each rank loads an fp32 checkpoint: 4 bytes/param (kept to match them exactly).
+        memory=MemoryTerms(trainable_params=trainable_params, trains_base=True, load_bytes_per_param=4),
+        # Full fine-tuning peak lrs: 1e-6..1e-4 (Llama-2 SFT 2e-5, Alpaca 2e-5, HF run_clm's 5e-5 default; above ~1e-4
+        # a pretrained model forgets or diverges).
+        lr_range=(1e-6, 1e-4),
+        recipe="full.py",
+    )
+)

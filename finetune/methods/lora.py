@@ -1,60 +1,32 @@
-"""LoRA (Hu et al. 2021) and QLoRA (Dettmers et al. 2023) through PEFT.
+"""LoRA (Hu et al. 2021) through PEFT: freeze the base, learn a rank-``r`` update ``B @ A`` per target Linear.
 
-LoRA freezes the base and learns a rank-``r`` update ``B @ A`` per target Linear. QLoRA additionally stores the
-frozen base in 4-bit NF4 (or 8-bit) with bitsandbytes, so a 7B base needs ~4 GB instead of 14 GB; the adapters
-and the compute stay in bf16/fp32.
-
-Precision of the non-quantized weights (norms, embeddings, LM head, adapters): the training dtype, as in every
-DeepSpeed bf16 run. DeepSpeed casts every floating parameter to bf16 in ``deepspeed.initialize``
-(``_cast_module_mixed_precision``) and keeps the fp32 master copy of what trains (the adapters) in its optimizer.
-PEFT's ``prepare_model_for_kbit_training`` would first upcast the frozen norms and embeddings to fp32 for stability,
-only for DeepSpeed to cast them back: a transient fp32 copy of the embeddings at load, and a docstring promise that
-did not hold. So QLoRA here freezes the base and wires gradient checkpointing itself, and the weights stay in the
-dtype they were loaded in (the training precision; RMSNorm computes in fp32 internally either way).
-tests/unit/finetune/test_methods.py checks the dtypes after ``deepspeed.initialize``.
+``method.lora`` also shapes QLoRA's adapters (``finetune/methods/qlora.py``, which reuses :func:`prepare`).
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from finetune.config import Config
+from finetune.methods.registry import MemoryTerms, Method, option, register
 
-IS_PEFT = True
+if TYPE_CHECKING:
+    from ds_configs.memory import MethodSpec, ModelShape
+    from finetune.config import Config
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-
-def load_kwargs(cfg: Config, precision: str = "fp32") -> dict:
-    """``quantization_config`` for QLoRA (None for plain LoRA).
-
-    Args:
-        cfg: the run config (``method.qlora`` read when ``method.name == 'qlora'``).
-        precision: the resolved training precision; the 4-bit matmuls compute in it.
-    """
-    if cfg.method.name != "qlora":
-        return {}
-    from transformers import BitsAndBytesConfig
-
-    q = cfg.method.qlora
-    compute = _DTYPES[precision]
-    if q.bits == 8:
-        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
-    return {
-        "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.quant_type,
-            bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=compute,
-            # Pack the 4-bit codes into tensors of the training dtype: ZeRO-3 then partitions and all-gathers them
-            # like any other weight, and DeepSpeed's cast of the module to bf16 leaves them bit-for-bit intact.
-            bnb_4bit_quant_storage=compute,
-        )
-    }
+@dataclass
+class LoraMethodConfig:
+    r: int = option(8, "LoRA rank.")
+    alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = option(0.05, "Dropout on the LoRA input.")
+    target_modules: list[str] | str = option(
+        "all-linear", "Modules that get adapters: a list of names, or 'all-linear' (every Linear but the LM head)."
+    )
 
 
 def prepare(model, cfg: Config):
-    """Wrap ``model`` in a PEFT LoRA model (after k-bit preparation for QLoRA)."""
+    """Wrap ``model`` in a PEFT LoRA model (the base, quantized or not, frozen)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     from finetune.methods import enable_gradient_checkpointing
@@ -72,3 +44,49 @@ def prepare(model, cfg: Config):
         bias="none",
     )
     return get_peft_model(model, peft_config)
+
+
+def validate(cfg: Config) -> str | None:
+    """The adapter shape rules (also QLoRA's)."""
+    lc = cfg.method.lora
+    if lc.r < 1 or lc.alpha <= 0 or not 0 <= lc.dropout < 1:
+        return "method.lora: need r >= 1, alpha > 0 and 0 <= dropout < 1"
+    return None
+
+
+def trainable_params(shape: ModelShape, spec: MethodSpec) -> int:
+    """``r·(in+out)`` per adapted linear per layer (PEFT's A: r×in, B: out×r).
+
+    Raises:
+        ValueError: none of ``spec.lora_targets`` is a linear of the decoder layer.
+    """
+    targets = spec.lora_targets
+    chosen = [(n, i, o) for n, i, o in shape.layer_linears if targets is None or n in targets]
+    if not chosen:
+        have = ", ".join(n for n, _, _ in shape.layer_linears)
+        raise ValueError(f"--lora-targets {targets}: none of them is a linear in the decoder layer ({have})")
+    return shape.num_layers * sum(spec.lora_r * (i + o) for _, i, o in chosen)
+
+
+def lora_knobs(cfg: Config) -> dict:
+    """``MethodSpec`` fields from ``method.lora``: the rank and the targets ('all-linear' = every decoder linear)."""
+    t = cfg.method.lora.target_modules
+    return {"lora_r": cfg.method.lora.r, "lora_targets": None if isinstance(t, str) else tuple(t)}
+
+
+LORA = register(
+    Method(
+        name="lora",
+        summary="frozen base, low-rank adapters on the linears; final/ is an adapter folder",
+        prepare=prepare,
+        memory=MemoryTerms(trainable_params=trainable_params, knobs=lora_knobs),
+        # LoRA peak lrs: 1e-5..2e-3 (Hu et al. 2021 use 2e-4..5e-4 on GPT-2/3; QLoRA paper 1e-4..2e-4; PEFT examples
+        # 1e-4..1e-3; ~10x full fine-tuning because only the small adapters move).
+        lr_range=(1e-5, 2e-3),
+        config=LoraMethodConfig,
+        section_help="LoRA adapter shape (also used by qlora).",
+        is_peft=True,
+        validate=validate,
+        recipe="lora.py",
+    )
+)
