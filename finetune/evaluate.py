@@ -10,6 +10,7 @@ the run's ``data.seq_len`` and packing. Raw ``.jsonl`` is converted as training 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -105,8 +106,10 @@ def eval_loss(loaded: LoadedModel, data: str, cfg: Config, batch_size: int) -> d
     with tempfile.TemporaryDirectory(prefix="dsft_eval_") as tmp:
         if not cfg.output_dir and not cfg.data.cache_dir:  # no run dir: a conversion lives as long as this command
             cfg.data.cache_dir = tmp
-        source = resolve_data(data, cfg, tok, "--data")
-        check_sources([source], tok, loaded.model.config.vocab_size)
+        # the converter's progress lines go to stderr: stdout is the table or the --json object alone
+        with contextlib.redirect_stdout(sys.stderr):
+            source = resolve_data(data, cfg, tok, "--data")
+            check_sources([source], tok, loaded.model.config.vocab_size)
         loader = build_dataloader(
             source,
             seq_len=cfg.data.seq_len,
@@ -145,6 +148,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model once, then the loss on ``--data`` and exact match on ``--prompts``."""
     decoding: Decoding = decoding_from_args(args)
     records = read_prompts(args.prompts, args.system, need_reference=True) if args.prompts else None
+    if args.data and not (Path(args.data).exists() or Path(f"{args.data}.idx").exists()):
+        # before the model loads (minutes for a big one); resolve_data checks the rest of the path
+        raise GenerationError(f"--data: {args.data} does not exist (an mmap prefix P needs P.bin and P.idx)")
     loaded = load_from_args(args, tag="eval")
     results: dict[str, Any] = {"model": str(loaded.adapter_dir or loaded.model_dir)}
     if args.data:
