@@ -101,10 +101,85 @@ def test_demo_final_eval_loss_below_base_model(demo_run):
     assert final < MAX_EVAL_LOSS_RATIO * base, f"eval loss {base:.4f} (base) -> {final:.4f} after {STEPS} steps"
 
 
-def test_demo_final_model_reloads_and_generates(demo_run):
+@pytest.fixture(scope="module")
+def demo_scoring(demo_run):
+    """The demo's own scoring of its fine-tuned model, record by record: (held-out records, accuracy, rows)."""
     from launch.demo import DEMO_DATA, exact_match, read_jsonl
 
-    out, report, _ = demo_run
-    acc, rows = exact_match(out / "run" / "final", read_jsonl(DEMO_DATA / "eval.jsonl")[:N_EVAL])
+    out, _, _ = demo_run
+    records = read_jsonl(DEMO_DATA / "eval.jsonl")[:N_EVAL]
+    accuracy, rows = exact_match(out / "run" / "final", records)
+    return records, accuracy, rows
+
+
+def test_demo_final_model_reloads_and_generates(demo_run, demo_scoring):
+    _, report, _ = demo_run
+    _, acc, rows = demo_scoring
     assert acc == report["accuracy_after"]
-    assert [r["got"] for r in rows[:5]] == [e["got"] for e in report["examples"]]
+    assert rows[:5] == report["examples"]
+
+
+def _dsft(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``dsft chat|eval ...`` as a user runs it (``python -m finetune.chat`` is what ``dsft chat`` dispatches to)."""
+    cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _held_out_file(records: list[dict], path) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_chat_batch_mode_gives_the_demo_accuracy(demo_run, demo_scoring, tmp_path):
+    """``dsft chat RUN_DIR --prompts`` on the held-out questions answers exactly what the demo scored, record by
+    record (after 30 steps the accuracy itself may be 0, so the answers are compared too)."""
+    from launch.demo import EVAL_BATCH_SIZE, MAX_NEW_TOKENS
+
+    out, report, _ = demo_run
+    records, accuracy, rows = demo_scoring
+    prompts, answers = _held_out_file(records, tmp_path / "held_out.jsonl"), tmp_path / "answers.jsonl"
+    args = ["--prompts", prompts, "--out", str(answers), "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    proc = _dsft("finetune.chat", str(out / "run"), *args, "--batch-size", str(EVAL_BATCH_SIZE), "--dtype", "float32")
+    # the run dir's final/ carries the template the data was rendered with and stops on the end of turn it taught
+    assert f"loaded model {out / 'run' / 'final'}" in proc.stderr
+    assert "chat template: the tokenizer saved with the model" in proc.stderr and "'<|im_end|>'" in proc.stderr
+    got = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [g["line"] for g in got] == list(range(1, N_EVAL + 1))
+    assert [g["answer"].strip() for g in got] == [r["got"] for r in rows]
+    assert [g["reference"] for g in got] == [r["expected"] for r in rows]
+    chat_accuracy = sum(g["exact_match"] for g in got) / len(got)
+    assert chat_accuracy == accuracy == report["accuracy_after"]
+
+
+def test_eval_loss_equals_the_runs_final_eval_loss(demo_run, demo_scoring, tmp_path):
+    """``dsft eval`` on the run's eval split (the converted prefix, and the raw jsonl converted the way training
+    converts it) gives the engine's final eval loss; its exact match is the demo's accuracy."""
+    from launch.demo import DEMO_DATA, EVAL_BATCH_SIZE, MAX_NEW_TOKENS
+
+    out, report, _ = demo_run
+    records, accuracy, _ = demo_scoring
+    run_dir = out / "run"
+    engine_final = [r for r in metrics(run_dir, "eval") if r.get("final")][-1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_loss"] == pytest.approx(engine_final["loss"], abs=1e-12)
+    prompts = _held_out_file(records, tmp_path / "held_out.jsonl")
+    decoding = ["--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", str(EVAL_BATCH_SIZE), "--dtype", "float32"]
+    proc = _dsft(
+        "finetune.evaluate",
+        str(run_dir),
+        "--data",
+        str(out / "data" / "eval"),
+        "--prompts",
+        prompts,
+        *decoding,
+        "--json",
+    )
+    res = json.loads(proc.stdout)
+    assert abs(res["loss"] - engine_final["loss"]) < 1e-4, (res["loss"], engine_final["loss"])
+    assert res["tokens"] == engine_final["tokens"]
+    assert res["perplexity"] == pytest.approx(engine_final["ppl"], rel=1e-4)
+    assert res["exact_match"] == accuracy and res["n_prompts"] == N_EVAL
+    raw = json.loads(_dsft("finetune.evaluate", str(run_dir), "--data", str(DEMO_DATA / "eval.jsonl"), "--json").stdout)
+    assert abs(raw["loss"] - engine_final["loss"]) < 1e-4 and raw["tokens"] == engine_final["tokens"]
