@@ -68,6 +68,12 @@ class LoadedModel:
     def device(self):
         return self.model.device
 
+    @property
+    def prompt_learning(self) -> bool:
+        """A prefix / prompt-tuning adapter: virtual tokens the model prepends itself (no left padding in a batch)."""
+        config = getattr(self.model, "active_peft_config", None)
+        return bool(getattr(config, "is_prompt_learning", False))
+
     def describe(self) -> str:
         """Two lines for stderr: what was loaded, and which template / stop tokens are used."""
         what = f"adapter {self.adapter_dir} on base {self.base_dir}" if self.adapter_dir else f"model {self.model_dir}"
@@ -202,12 +208,14 @@ def _has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer_config.json").is_file()
 
 
-def _load_weights(name_or_path: str | Path, dtype, where: str):
-    """``from_pretrained`` with safetensors only (as training loads: a pickled .bin is refused, never unpickled)."""
+def _load_weights(name_or_path: str | Path, dtype, device: str, where: str):
+    """``from_pretrained`` with safetensors only (as training loads: a pickled .bin is refused, never unpickled).
+    On a GPU the weights are placed there as they load, never held whole in host memory first."""
     from transformers import AutoModelForCausalLM
 
+    placement = {"device_map": {"": device}} if device != "cpu" else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True, **placement)
     except (OSError, ValueError, KeyError) as e:
         raise GenerationError(f"{where}: cannot load the model: {e}") from e
 
@@ -251,16 +259,16 @@ def load_for_generation(
     if adapter_dir is not None:
         from peft import PeftModel
 
-        base = _load_weights(base_dir, torch_dtype, f"{adapter_dir}/adapter_config.json base_model_name_or_path")
+        base = _load_weights(base_dir, torch_dtype, dev, f"{adapter_dir}/adapter_config.json base_model_name_or_path")
         try:
             model = PeftModel.from_pretrained(base, adapter_dir)
         except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: adapter shapes that do not fit the base
             raise GenerationError(f"{adapter_dir}: cannot apply the adapter to {base_dir}: {e}") from e
         weights_dir = adapter_dir
     else:
-        model = _load_weights(model_dir, torch_dtype, str(model_dir))
+        model = _load_weights(model_dir, torch_dtype, dev, str(model_dir))
         weights_dir = model_dir
-    model.to(dev).eval()
+    model.to(dev).eval()  # the adapter's weights too
 
     serving = read_serving(run_dir) if run_dir else None
     tok_dir = weights_dir if _has_tokenizer(weights_dir) else Path(base_dir) if base_dir else weights_dir
@@ -401,14 +409,27 @@ def generate_answers(
         decoding: decoding settings (greedy by default).
         progress: called with ``(done, total)`` after each batch.
     """
-    answers: list[str] = []
-    for i in range(0, len(conversations), decoding.batch_size):
-        chunk = conversations[i : i + decoding.batch_size]
-        for ids in generate_ids(loaded, chunk, decoding):
-            answers.append(loaded.tokenizer.decode(ids, skip_special_tokens=True))
+    order = list(range(len(conversations)))
+    if loaded.prompt_learning:
+        # PEFT puts prefix / soft-prompt tokens before the left padding, which shifts the padded prompts' positions
+        # (measured: their greedy answers differ from one-by-one ones): batch prompts of equal length only.
+        tok = loaded.tokenizer
+        lengths = [len(tok(render_prompt(tok, c), add_special_tokens=False)["input_ids"]) for c in conversations]
+        order.sort(key=lambda i: lengths[i])
+        groups: list[list[int]] = []
+        for i in order:
+            if not groups or lengths[groups[-1][0]] != lengths[i] or len(groups[-1]) == decoding.batch_size:
+                groups.append([])
+            groups[-1].append(i)
+    else:
+        groups = [order[i : i + decoding.batch_size] for i in range(0, len(order), decoding.batch_size)]
+    answers: dict[int, str] = {}
+    for group in groups:
+        for i, ids in zip(group, generate_ids(loaded, [conversations[i] for i in group], decoding), strict=True):
+            answers[i] = loaded.tokenizer.decode(ids, skip_special_tokens=True)
         if progress:
             progress(len(answers), len(conversations))
-    return answers
+    return [answers[i] for i in range(len(conversations))]
 
 
 def exact_match(

@@ -273,3 +273,22 @@ def test_cut_at_stop():
     assert generation.cut_at_stop([5, 6, 2, 7], [2]) == [5, 6]
     assert generation.cut_at_stop([5, 6], [2, 9]) == [5, 6]
     assert generation.cut_at_stop([9, 2], [2, 9]) == []
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_prompt_learning_adapters_batch_like_one_by_one(tmp_path, tiny_llama_dir, kind):
+    """PEFT prepends virtual tokens before the left padding, so these adapters are batched by prompt length only
+    (left-padded batches measurably changed their greedy answers)."""
+    import torch
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = {"prefix": PrefixTuningConfig, "prompt": PromptTuningConfig}[kind]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    get_peft_model(base, config(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)).save_pretrained(tmp_path)
+    m = generation.load_for_generation(tmp_path, device="cpu")
+    assert m.prompt_learning
+    convs = [[{"role": "user", "content": q}] for q in ["a", *QUESTIONS, "b"]]  # "a" and "b": one length, batched
+    batched = generation.generate_answers(m, convs, generation.Decoding(max_new_tokens=6, batch_size=8))
+    assert batched == _one_by_one(m, convs, 6)
