@@ -141,7 +141,7 @@ def format_table(results: dict[str, Any]) -> str:
     if "exact_match" in results:
         em, n = results["exact_match"], results["n_prompts"]
         rows.append(f"  {'exact match':<12} {em:<10.1%} {results['prompts']} ({round(em * n)} of {n})")
-    return "\n".join(rows)
+    return "\n".join(row.rstrip() for row in rows)
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
