@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ds_configs.batch import resolve_batch
+import yaml
+
+from ds_configs.batch import ACCUM_KEY, GLOBAL_KEY, MICRO_KEY, BatchPlan, resolve_batch
 from ds_configs.build import (
     PRESETS,
     gpu_arch_capability,
@@ -268,7 +272,104 @@ def suggest(req: Request) -> list[str]:
     return tips
 
 
-def _capability(arg: str | None) -> tuple[tuple[int, int] | None, str]:
+# The training-config keys (finetune/config.py) a choice sets; tests load every one with load_config.
+GRADIENT_CHECKPOINTING_KEY = "model.gradient_checkpointing"
+
+
+def config_overrides(c: Candidate, batch: BatchPlan, req: Request) -> dict[str, Any]:
+    """A chosen candidate as training-config ``key: value`` pairs, in the order a user reads them.
+
+    This is the one mapping from the generator's choice to ``finetune/config.py`` keys: ``dsft plan`` writes these
+    into the planned YAML and prints them, and ``dsft-ds-config`` prints them next to its JSON so that a training
+    config given ``deepspeed=ds.json`` agrees with the JSON's explicit sections instead of contradicting them.
+    ``train.global_batch`` is written consistent with the other two: a plan launched on another world size then
+    fails ``Config.validate`` with the three keys named, instead of silently training another batch.
+    """
+    keys: dict[str, Any] = {
+        "zero.stage": c.zero_stage,
+        "zero.offload_optimizer": c.offload_optimizer,
+        "zero.offload_params": c.offload_params,
+    }
+    if "nvme" in (c.offload_optimizer, c.offload_params):
+        keys["zero.nvme_path"] = req.nvme_path
+    keys[MICRO_KEY] = batch.micro_batch_size
+    keys[ACCUM_KEY] = batch.grad_accum
+    keys[GLOBAL_KEY] = batch.global_batch
+    keys[GRADIENT_CHECKPOINTING_KEY] = c.gradient_checkpointing
+    keys["precision"] = req.precision
+    keys["data.seq_len"] = req.seq_len
+    return keys
+
+
+def override_value(value: Any) -> str:
+    """``value`` spelled so that ``load_config``'s override parser (YAML scalars) reads it back unchanged."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    text = str(value)
+    if isinstance(value, str) and yaml.safe_load(text) != value:
+        return json.dumps(value)  # a JSON string is a YAML string: '1e5' or 'null' stay strings
+    return text
+
+
+def format_overrides(keys: dict[str, Any]) -> str:
+    """``key=value`` arguments for a shell command line (each shell-quoted where needed)."""
+    return " ".join(shlex.quote(f"{k}={override_value(v)}") for k, v in keys.items())
+
+
+def report(
+    req: Request, cands: list[Candidate], arch_note: str, explain_all: bool
+) -> tuple[Candidate, BatchPlan] | None:
+    """Print the generator's summary, table, choice and (``explain_all``) breakdowns; the choice, or None.
+
+    Shared by ``dsft-ds-config`` and ``dsft plan`` so that both show the same table and explanation. When nothing
+    fits it prints what would and returns None.
+    """
+    shape = req.shape
+    print(
+        f"{shape.total_params / 1e9:.2f}B params, {req.method.name}, {req.nodes} node(s) × {req.gpus_per_node} GPU × "
+        f"{req.gpu_mem / GiB:g} GiB, seq {req.seq_len}, precision {req.precision} ({arch_note})"
+    )
+    for note in shape.notes:
+        print(f"note: {note}")
+    print()
+    print(render_table(cands))
+    print()
+    if req.cpu_mem is None:
+        print("CPU memory not checked (pass --cpu-mem-gib to check offload candidates against it)")
+    chosen = next((c for c in cands if c.fits), None)
+    if chosen is None:
+        print("nothing fits. What would:")
+        for tip in suggest(req):
+            print(f"  - {tip}")
+        return None
+    batch = resolve_batch(world_size=req.world, micro_batch_size=chosen.micro_batch, global_batch=req.global_batch)
+    skipped = [c.name for c in cands[: cands.index(chosen)]]
+    print(
+        f"chosen: {chosen.name} (ZeRO-{chosen.zero_stage}, offload optimizer={chosen.offload_optimizer}, "
+        f"params={chosen.offload_params}) — the cheapest that fits"
+        + (f"; cheaper ones do not: {', '.join(skipped)}" if skipped else "")
+    )
+    print(
+        f"batch: micro {batch.micro_batch_size} × accumulation {batch.grad_accum} × {batch.world_size} GPUs = "
+        f"global {batch.global_batch}; gradient checkpointing "
+        + (f"ON ({GRADIENT_CHECKPOINTING_KEY}=true)" if chosen.gradient_checkpointing else "off")
+    )
+    if explain_all:
+        print()
+        # The chosen one and every cheaper one, so the breakdown shows why those did not fit.
+        for c in cands[: cands.index(chosen) + 1]:
+            if c.est is not None:
+                print(f"[{c.name}]")
+                print(explain(req, c))
+                print()
+    return chosen, batch
+
+
+def target_capability(arg: str | None) -> tuple[tuple[int, int] | None, str]:
+    """The compute capability to plan for (None = CPU ranks) and a note saying where it came from.
+
+    ``--gpu-arch`` wins; else the local GPU; else Ampere is assumed (the note says so).
+    """
     if arg is not None:
         if arg.lower() == "cpu":
             return None, "CPU ranks (--gpu-arch cpu)"
@@ -386,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             quant_bits=args.quant_bits,
             virtual_tokens=args.virtual_tokens,
         )
-        capability, arch_note = _capability(args.gpu_arch)
+        capability, arch_note = target_capability(args.gpu_arch)
         precision = resolve_precision(args.precision, capability)
         world = args.gpus_per_node * args.nodes
         if args.global_batch is not None:
@@ -409,48 +510,14 @@ def main(argv: list[str] | None = None) -> int:
         precision=precision,
         checkpointing=args.gradient_checkpointing,
     )
-    cands = evaluate(req)
-    print(
-        f"{shape.total_params / 1e9:.2f}B params, {method.name}, {args.nodes} node(s) × {args.gpus_per_node} GPU × "
-        f"{args.gpu_mem_gib:g} GiB, seq {args.seq_len}, precision {precision} ({arch_note})"
-    )
-    for note in shape.notes:
-        print(f"note: {note}")
-    print()
-    print(render_table(cands))
-    print()
-    if args.cpu_mem_gib is None:
-        print("CPU memory not checked (pass --cpu-mem-gib to check offload candidates against it)")
-    chosen = next((c for c in cands if c.fits), None)
-    if chosen is None:
-        print("nothing fits. What would:")
-        for tip in suggest(req):
-            print(f"  - {tip}")
+    picked = report(req, evaluate(req), arch_note, explain_all=args.explain)
+    if picked is None:
         return 2
-    batch = resolve_batch(
-        world_size=req.world,
-        micro_batch_size=chosen.micro_batch,
-        global_batch=args.global_batch,
-    )
-    skipped = [c.name for c in cands[: cands.index(chosen)]]
-    print(
-        f"chosen: {chosen.name} (ZeRO-{chosen.zero_stage}, offload optimizer={chosen.offload_optimizer}, "
-        f"params={chosen.offload_params}) — the cheapest that fits"
-        + (f"; cheaper ones do not: {', '.join(skipped)}" if skipped else "")
-    )
-    print(
-        f"batch: micro {batch.micro_batch_size} × accumulation {batch.grad_accum} × {batch.world_size} GPUs = "
-        f"global {batch.global_batch}; gradient checkpointing "
-        f"{'ON (set train.gradient_checkpointing=true)' if chosen.gradient_checkpointing else 'off'}"
-    )
-    if args.explain:
-        print()
-        # The chosen one and every cheaper one, so the breakdown shows why those did not fit.
-        for c in cands[: cands.index(chosen) + 1]:
-            if c.est is not None:
-                print(f"[{c.name}]")
-                print(explain(req, c))
-                print()
+    chosen, batch = picked
+    keys = config_overrides(chosen, batch, req)
+    # The same choices as training-config keys: a config given deepspeed=<this JSON> must say the same, or the
+    # engine refuses the JSON's explicit stage/batch/precision (build.py never overrides either side silently).
+    print(f"training config keys: {format_overrides(keys)}")
     if args.out:
         try:
             cfg = make_ds_config(
@@ -466,7 +533,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         Path(args.out).write_text(json.dumps(cfg, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        print(
+            f"wrote {args.out}: train with {shlex.quote(f'deepspeed={args.out}')} plus the keys above "
+            "(or let `dsft plan --config X.yaml ...` write a training config with them)"
+        )
     return 0
 
 
