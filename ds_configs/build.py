@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ds_configs import rules
 from ds_configs.batch import BatchPlan
+from ds_configs.rules import OFFLOAD_DEVICES
 
 PRECISIONS = ("bf16", "fp16", "fp32")
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 AUTO = "auto"
 
 # Defaults below follow DeepSpeed's documented defaults except where a comment says why not.
@@ -491,26 +492,16 @@ def validate_ds_config(cfg: dict, source: str = "ds_config", world_size: int | N
     for key, dev in (("offload_optimizer", opt_dev), ("offload_param", par_dev)):
         if dev not in OFFLOAD_DEVICES:
             raise ValueError(f'{source}: "zero_optimization.{key}.device" is {dev!r}; expected none, cpu or nvme')
-        if dev == "nvme" and _get(cfg, f"zero_optimization.{key}.nvme_path") in (_MISSING, None, ""):
-            raise ValueError(
-                f'{source}: "zero_optimization.{key}.device" is nvme but "zero_optimization.{key}.nvme_path" is not '
-                "set; give a directory on a local NVMe drive (--nvme-path)"
-            )
-        if dev == "nvme" and stage != 3:
-            raise ValueError(
-                f'{source}: "zero_optimization.{key}.device" is nvme (ZeRO-Infinity), which needs '
-                f'"zero_optimization.stage" 3 (got {stage}); use stage 3 or offload to cpu'
-            )
-    if par_dev != "none" and stage != 3:
-        raise ValueError(
-            f'{source}: "zero_optimization.offload_param.device" is {par_dev} but parameter offload needs '
-            f'"zero_optimization.stage" 3 (got {stage}); use stage 3 or drop offload_param'
-        )
-    if opt_dev != "none" and stage == 0:
-        raise ValueError(
-            f'{source}: "zero_optimization.offload_optimizer.device" is {opt_dev} but optimizer offload needs '
-            '"zero_optimization.stage" >= 1 (ZeRO partitions the optimizer it offloads); set stage 1-3'
-        )
+    nvme_paths = [_get(cfg, f"zero_optimization.{key}.nvme_path") for key in ("offload_optimizer", "offload_param")]
+    violations = rules.check(
+        stage,
+        opt_dev,
+        par_dev,
+        optimizer_nvme_path=None if nvme_paths[0] is _MISSING else nvme_paths[0],
+        param_nvme_path=None if nvme_paths[1] is _MISSING else nvme_paths[1],
+    )
+    if violations:  # the stage/offload rules, written once in ds_configs.rules, in this JSON's key names
+        raise ValueError(f"{source}: {violations[0].message(rules.JSON_KEYS)}")
     clip = cfg.get("gradient_clipping", 0.0)
     if not isinstance(clip, int | float) or isinstance(clip, bool) or clip < 0:
         raise ValueError(f'{source}: "gradient_clipping" is {clip!r}; expected a number >= 0')

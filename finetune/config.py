@@ -15,11 +15,18 @@ import difflib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ds_configs import rules
+from finetune.methods import registry
+from finetune.methods.lora import LoraMethodConfig  # noqa: F401  (re-exported: the sections live with their method)
+from finetune.methods.prefix import PrefixMethodConfig  # noqa: F401
+from finetune.methods.prompt import PromptMethodConfig  # noqa: F401
+from finetune.methods.qlora import QLoraMethodConfig  # noqa: F401
 
 # The attention kernels finetune.attention.resolve_attention knows (dsft_varlen is dsft's varlen_attn kernel).
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "dsft_varlen")
@@ -29,12 +36,9 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the dotted key and says what to do."""
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, factory=None) -> Any:
-    """A dataclass field carrying ``help`` (shown by ``describe``) and optional ``choices`` (checked on load)."""
-    meta = {"help": help, "choices": choices}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+# A dataclass field carrying ``help`` (shown by ``describe``) and optional ``choices`` (checked on load); the method
+# modules' sections are made with the same helper.
+_f = registry.option
 
 
 @dataclass
@@ -162,44 +166,60 @@ class ZeroConfig:
     nvme_path: str | None = _f(None, "Directory on a fast local NVMe drive for nvme offload.")
 
 
-@dataclass
-class LoraMethodConfig:
-    r: int = _f(8, "LoRA rank.")
-    alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = _f(0.05, "Dropout on the LoRA input.")
-    target_modules: list[str] | str = _f(
-        "all-linear", "Modules that get adapters: a list of names, or 'all-linear' (every Linear but the LM head)."
-    )
-
-
-@dataclass
-class QLoraMethodConfig:
-    bits: int = _f(4, "Base-weight quantization: 4 (NF4) or 8 (LLM.int8).", (4, 8))
-    quant_type: str = _f("nf4", "4-bit data type.", ("nf4", "fp4"))
-    double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
-
-
-@dataclass
-class PrefixMethodConfig:
-    num_virtual_tokens: int = _f(16, "Prefix length: key/value vectors prepended at every layer (P-Tuning v2).")
-    prefix_projection: bool = _f(False, "Reparameterize the prefix through a 2-layer MLP (more stable on big models).")
-
-
-@dataclass
-class PromptMethodConfig:
-    num_virtual_tokens: int = _f(16, "Soft-prompt length prepended to the input embeddings.")
-    init_text: str | None = _f(None, "Initialize the soft prompt from the embeddings of this text (else random).")
-
-
-@dataclass
 class MethodConfig:
-    name: str = _f(
-        "full", "What is trained: full | lora | qlora | prefix | prompt.", ("full", "lora", "qlora", "prefix", "prompt")
-    )
-    lora: LoraMethodConfig = _f(help="LoRA adapter shape (also used by qlora).", factory=LoraMethodConfig)
-    qlora: QLoraMethodConfig = _f(help="Quantization of the frozen base for qlora.", factory=QLoraMethodConfig)
-    prefix: PrefixMethodConfig = _f(help="P-Tuning v2 (deep prefix tuning).", factory=PrefixMethodConfig)
-    prompt: PromptMethodConfig = _f(help="Prompt tuning (soft prompt on the input only).", factory=PromptMethodConfig)
+    """``method``: ``name`` plus one section per registered method that has settings (``method.lora``, ...).
+
+    The concrete dataclass is built from the method registry (``finetune.methods``) by :func:`method_config_class`,
+    and rebuilt when a method is registered, so that a method defined anywhere gets its YAML section, its
+    did-you-mean errors and its ``describe()`` rows without an edit here. ``name`` accepts aliases and holds the
+    canonical name (``ptuning_v2`` -> ``prefix``).
+    """
+
+    name: str
+
+    def __post_init__(self) -> None:
+        try:
+            self.name = registry.get_method(self.name).name
+        except ValueError as e:
+            raise ConfigError(f"method.name={self.name!r}: {e}") from None
+
+    def __reduce__(self):
+        # the class is built at run time: pickle/deepcopy rebuild the instance from its values
+        return (_rebuild_method_config, (dataclasses.asdict(self),))
+
+
+_METHOD_CONFIG: tuple[int, type] | None = None  # (registry version, class)
+
+
+def method_config_class() -> type:
+    """The ``MethodConfig`` dataclass for the methods registered now (cached until the registry changes)."""
+    global _METHOD_CONFIG
+    if _METHOD_CONFIG is None or _METHOD_CONFIG[0] != registry.version():
+        methods = registry.registered()
+        aliases = ", ".join(f"{a}={m.name}" for m in methods for a in m.aliases)
+        fields: list[tuple] = [
+            (
+                "name",
+                str,
+                _f("full", f"What is trained: {' | '.join(m.name for m in methods)} (aliases: {aliases})."),
+            )
+        ]
+        for m in methods:
+            if m.section_key is not None and m.section_key not in {f[0] for f in fields}:
+                fields.append((m.section_key, m.config, _f(help=m.section_help or m.summary, factory=m.config)))
+        cls = dataclasses.make_dataclass("MethodConfig", fields, bases=(MethodConfig,))
+        cls.__module__ = __name__
+        _METHOD_CONFIG = (registry.version(), cls)
+    return _METHOD_CONFIG[1]
+
+
+def _rebuild_method_config(values: dict) -> MethodConfig:
+    return _build(method_config_class(), values, "method.")
+
+
+def _section_type(tp: Any) -> Any:
+    """A field's type, with the registry-built ``MethodConfig`` in place of its base class."""
+    return method_config_class() if tp is MethodConfig else tp
 
 
 @dataclass
@@ -208,7 +228,7 @@ class Config:
     data: DataConfig = _f(help="Training and evaluation data.", factory=DataConfig)
     train: TrainConfig = _f(help="Optimization, schedule, logging, checkpoints.", factory=TrainConfig)
     zero: ZeroConfig = _f(help="DeepSpeed ZeRO stage and offload.", factory=ZeroConfig)
-    method: MethodConfig = _f(help="Fine-tuning method and its settings.", factory=MethodConfig)
+    method: MethodConfig = _f(help="Fine-tuning method and its settings.", factory=lambda: method_config_class()())
     output_dir: str = _f("", "Run directory: checkpoints/, final/, metrics.jsonl, loss.png, tensorboard/.")
     precision: str = _f(
         "auto", "Training precision; auto = bf16 where supported, else fp32.", ("auto", "bf16", "fp16", "fp32")
@@ -219,14 +239,14 @@ class Config:
     @property
     def is_peft(self) -> bool:
         """True when only adapter / prompt parameters train (the final output is a PEFT adapter folder)."""
-        return self.method.name != "full"
+        return registry.get_method(self.method.name).is_peft
 
     @property
     def packing(self) -> str:
-        """``data.packing`` with ``auto`` resolved for the method."""
+        """``data.packing`` with ``auto`` resolved for the method (padding for methods that need padded rows)."""
         if self.data.packing != "auto":
             return self.data.packing
-        return "padding" if self.method.name in ("prefix", "prompt") else "packed"
+        return "padding" if registry.get_method(self.method.name).needs_padding else "packed"
 
     def validate(self, world_size: int):
         """Check every cross-field rule and resolve the batch plan; raise ``ConfigError`` naming the key.
@@ -312,39 +332,41 @@ class Config:
                 )
 
     def _validate_zero(self) -> None:
+        """The stage / offload / quantized-base rules (``ds_configs.rules``), worded with this config's keys."""
         z = self.zero
-        if z.offload_params != "none" and z.stage != 3:
-            raise ConfigError(f"zero.offload_params={z.offload_params} needs zero.stage=3 (got {z.stage})")
-        if z.offload_optimizer != "none" and z.stage == 0:
-            raise ConfigError(f"zero.offload_optimizer={z.offload_optimizer} needs zero.stage >= 1")
-        if "nvme" in (z.offload_optimizer, z.offload_params) and not z.nvme_path:
-            raise ConfigError("zero.nvme_path is empty but nvme offload is on: set zero.nvme_path=/local/nvme/dir")
+        method = registry.get_method(self.method.name)
+        bits = method.quant_bits(self)
+        violations = rules.check(
+            z.stage,
+            z.offload_optimizer,
+            z.offload_params,
+            optimizer_nvme_path=z.nvme_path,
+            param_nvme_path=z.nvme_path,
+            quant_bits=bits,
+            quantized_by=method.name,
+        )
+        if violations:
+            raise ConfigError(violations[0].message(_config_keys(method)))
 
     def _validate_method(self) -> None:
-        m = self.method
-        if m.name == "qlora" and self.zero.offload_params != "none":
+        method = registry.get_method(self.method.name)
+        if v := rules.check_precision(method.quant_bits(self), self.precision, quantized_by=method.name):
+            raise ConfigError(v.message(_config_keys(method)))
+        if message := method.validate(self):
+            raise ConfigError(message)
+        if method.needs_padding and self.packing != "padding":
             raise ConfigError(
-                f"method.name=qlora with zero.offload_params={self.zero.offload_params}: quantized base weights "
-                "cannot be partitioned/offloaded by ZeRO-3; use zero.offload_params=none and zero.stage=2"
+                f"data.packing={self.data.packing} with method.name={method.name}: the method needs padded rows "
+                "(virtual tokens need a 2-D attention mask); use data.packing=padding (or auto)"
             )
-        if m.name == "qlora" and self.zero.stage == 3 and m.qlora.bits == 8:
-            # 4-bit codes can be stored in the training dtype, which ZeRO-3 partitions; LLM.int8 weights cannot.
-            raise ConfigError(
-                "method.qlora.bits=8 with zero.stage=3 is not supported: use method.qlora.bits=4 or zero.stage=2"
-            )
-        if m.name == "qlora" and self.precision == "fp16":
-            raise ConfigError("method.name=qlora with precision=fp16 is unstable; use precision=bf16 or fp32")
-        if m.name in ("lora", "qlora") and (m.lora.r < 1 or m.lora.alpha <= 0 or not 0 <= m.lora.dropout < 1):
-            raise ConfigError("method.lora: need r >= 1, alpha > 0 and 0 <= dropout < 1")
-        if m.name in ("prefix", "prompt"):
-            n = getattr(m, m.name).num_virtual_tokens
-            if n < 1:
-                raise ConfigError(f"method.{m.name}.num_virtual_tokens={n} must be >= 1")
-            if self.packing != "padding":
-                raise ConfigError(
-                    f"data.packing={self.data.packing} with method.name={m.name}: virtual tokens need a 2-D "
-                    "attention mask; use data.packing=padding (or auto)"
-                )
+
+
+def _config_keys(method: registry.Method) -> rules.KeyStyle:
+    """``ds_configs.rules`` messages in this config's keys (the quantization bits live in the method's section)."""
+    section = method.section_key or method.name
+    return dataclasses.replace(
+        rules.CONFIG_KEYS, keys={**rules.CONFIG_KEYS.keys, "quant_bits": f"method.{section}.bits"}
+    )
 
 
 def _enabled(section: Any) -> bool:
@@ -455,7 +477,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             close = difflib.get_close_matches(prefix + str(k), all_keys, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(all_keys)}"
             raise ConfigError(f"unknown key '{prefix}{k}'{hint}")
-        tp = hints[k]
+        tp = _section_type(hints[k])
         if dataclasses.is_dataclass(tp):
             kwargs[k] = _build(tp, v if v is not None else {}, f"{prefix}{k}.")
         else:
@@ -509,8 +531,9 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(describe(hints[f.name], f"{prefix}{f.name}."))
+        tp = _section_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, f"{prefix}{f.name}."))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((prefix + f.name, default, f.metadata.get("help", "")))

@@ -34,6 +34,7 @@ from finetune.checkpoint import CheckpointError, find_resume_checkpoint, load_ch
 from finetune.config import Config, ConfigError, to_dict
 from finetune.data import check_sources, report_lengths, resolve_data, serving_settings, source_meta
 from finetune.export import SERVING_FILE, save_for_serving
+from finetune.methods import get_method
 from finetune.metrics import MetricsLogger, flops_per_token, matmul_params, memory_stats, mfu, peak_flops_per_gpu
 
 logger = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ def _batches(loader):
 def _forward_kwargs(batch: dict, cfg: Config, device) -> tuple[dict, int]:
     batch = dict(batch)
     real = int(batch.pop("num_real_tokens", 0))
-    if cfg.method.name in ("prefix", "prompt"):
+    if not get_method(cfg.method.name).keeps_position_ids:
         # PEFT prompt learning shifts positions itself (it prepends virtual tokens); explicit ids would be ignored.
         batch.pop("position_ids", None)
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}, real
@@ -516,7 +517,7 @@ def main(
 
     Args:
         defaults: what the recipe sets unless the YAML or an override says otherwise (e.g. the method name).
-        methods: the ``method.name`` values this recipe accepts (None: any).
+        methods: the ``method.name`` values (names or aliases) this recipe accepts (None: any).
         require_loss_mask: passed to ``run`` (the SFT recipe).
         argv: arguments (default ``sys.argv[1:]``); ``--local_rank=N`` from the deepspeed launcher is accepted.
     """
@@ -536,10 +537,11 @@ def main(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides, defaults)
-        if methods and cfg.method.name not in methods:
+        if methods and cfg.method.name not in {get_method(m).name for m in methods}:
+            recipe = get_method(cfg.method.name).recipe or "sft.py"
             raise ConfigError(
                 f"method.name={cfg.method.name} is not trained by this recipe (it takes {', '.join(methods)}); "
-                "use the matching recipe (full.py, lora.py, ptuning_v2.py, prompt_tuning.py) or sft.py"
+                f"use finetune/{recipe} (sft.py trains any method)"
             )
         cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
         check_before_launch(cfg)  # files and the model's config.json: seconds, before any collective

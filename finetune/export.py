@@ -140,9 +140,9 @@ def consolidate_zero(checkpoint: str | Path, out_dir: str | Path, run_config: st
     )
     if cfg.is_peft:
         cfg.model.gradient_checkpointing = False
-        if cfg.method.name == "qlora":
-            cfg.method.name = "lora"  # same adapter shapes; the export has an unquantized base
-        model = get_method(cfg.method.name).prepare(model, cfg)
+        method = get_method(cfg.method.name)
+        # a quantized method rebuilds its adapters on the unquantized base (QLoRA: export_as="lora")
+        model = get_method(method.export_as or method.name).prepare(model, cfg)
     missing, unexpected = model.load_state_dict(state, strict=not cfg.is_peft)
     if unexpected:
         raise ValueError(f"{step_dir}: {len(unexpected)} checkpoint tensors fit no parameter, e.g. {unexpected[:3]}")
