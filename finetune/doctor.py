@@ -992,7 +992,7 @@ def diagnose_run(run_dir: str | Path) -> Report:
     nan_at = next((i for i, r in enumerate(train) if not _finite(r.get("loss"))), None)
     _diagnose_divergence(train, nan_at, lr, method, precision, report)
     _diagnose_loss_scale(train, precision, report)
-    if nan_at is None:
+    if report.level_of("divergence") == OK:  # a diverging loss is not also "flat"
         _diagnose_flat(train, lr, method, rerun, report)
     _diagnose_overfitting(train, evals, report)
     _diagnose_skipped(train, precision, report)
@@ -1058,11 +1058,15 @@ def _diagnose_divergence(train, nan_at, lr, method, precision, report: Report) -
         sum(tail) / len(tail) > DIVERGE_RATIO * first or (low < first and tail[-1] > 2 * low and tail[-1] > first)
     ):
         at = train[losses.index(low)]["step"]
+        shape = (
+            f"the loss rose from {first:.4g} to {tail[-1]:.4g}"
+            if low >= first
+            else f"the loss fell to {low:.4g} at step {at}, then climbed to {tail[-1]:.4g} (started at {first:.4g})"
+        )
         report.add(
             FAIL,
             "divergence",
-            f"the loss fell to {low:.4g} at step {at}, then climbed to {tail[-1]:.4g} "
-            f"(started at {first:.4g}): divergence",
+            f"{shape}: divergence, the learning rate is too high",
             f"lower {_lr_hint(lr, method)} 3-10x or raise train.warmup",
         )
         return
@@ -1113,7 +1117,7 @@ def _diagnose_flat(train, lr, method, rerun: str, report: Report) -> None:
             "masked, e.g. SFT data without assistant tokens)",
             f"check the data's loss mask: {rerun}",
         )
-    elif first > 0 and (first - last) / first < FLAT_FALL:
+    elif first > 0 and abs(first - last) / first < FLAT_FALL:
         report.add(
             FAIL,
             "progress",

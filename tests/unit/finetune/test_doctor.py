@@ -370,3 +370,43 @@ def test_unfinished_run_and_missing_metrics(tmp_path, capsys):
     (run / "metrics.jsonl").unlink()
     code, report = run_doctor(capsys, str(run))
     assert code == 1 and levels(report)["metrics"] == "FAIL"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# After a real run: the rows the engine really writes
+
+
+@pytest.mark.slow  # two real engine runs: ~60 s alone, ~190 s on the shared 2-core machine
+def test_real_demo_run_with_lr_10_is_diagnosed_as_divergence(demo, tmp_path, capsys):
+    """The demo recipe for 12 steps at lr 10, one rank (plain python, gloo): the doctor reads the engine's real
+    metrics.jsonl and blames the learning rate; the same run at the demo's lr 3e-3 is healthy."""
+    import subprocess
+    import sys
+
+    from tests.recipes.conftest import _env
+
+    def train(out: Path, lr: str) -> Path:
+        cmd = [sys.executable, "finetune/full.py", "--config", DEMO_YAML, f"model.name_or_path={demo['base']}"]
+        cmd += [f"data.train={demo['train']}", f"output_dir={out}", f"train.lr={lr}", "train.max_steps=12"]
+        cmd += ["train.log_every=1", "train.micro_batch_size=8", "train.warmup=0", "train.max_bad_steps=100"]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert (out / "metrics.jsonl").is_file(), proc.stderr[-3000:]
+        return out
+
+    code, report = run_doctor(capsys, str(train(tmp_path / "lr10", "10")))
+    div = finding(report, "divergence")
+    assert code == 1 and div["level"] == "FAIL", report["findings"]
+    assert "learning rate is too high" in div["message"] and "train.lr=10" in div["fix"]
+    assert "progress" not in levels(report)  # a diverging loss is not also called flat
+    code, report = run_doctor(capsys, str(train(tmp_path / "ok", "3e-3")))
+    assert code == 0, report["findings"]
+    assert levels(report)["progress"] == "OK"
+
+
+def test_a_rising_loss_without_nan_is_divergence_not_flat(tmp_path, capsys):
+    """What the engine logged for the demo at lr 10 (measured: 5.665 at step 1, 7865 at step 12, never NaN)."""
+    rows = [train_row(s, 5.665 * 3 ** (s - 1), 10.0 * s) for s in range(1, 8)]
+    code, report = run_doctor(capsys, str(write_run(tmp_path / "run", rows, lr=10.0)))
+    div = finding(report, "divergence")
+    assert code == 1 and div["level"] == "FAIL" and "rose from 5.665" in div["message"]
+    assert "progress" not in levels(report)
