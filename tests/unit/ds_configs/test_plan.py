@@ -4,6 +4,7 @@ generator's, the generator's JSON trains next to the keys it prints, and both RE
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -212,6 +213,31 @@ def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys):
     rc, _, err = run(plan.main, ["--config", "finetune/configs/lora.yaml", "trian.lr=1", *hw], capsys)
     assert rc == 2 and "unknown key 'trian' (did you mean 'train'?)" in err
     assert not out.exists()
+
+
+def readme_plan_examples(readme: str) -> list[tuple[list[str], list[str]]]:
+    """(dsft plan arguments, shown output) for every ```text block of the ds_configs section that runs dsft plan."""
+    section = readme[readme.index("<!-- section:ds_configs -->") : readme.index("<!-- /section:ds_configs -->")]
+    blocks = re.findall(r"```text\n\$ (dsft plan .*?--out \S+)\n(.*?)```", section, flags=re.S)
+    return [(shlex.split(cmd.replace("\\\n", " "))[2:], shown.splitlines()) for cmd, shown in blocks]
+
+
+def test_readme_plan_example_shows_the_current_output(llama7b_dir, tmp_path, capsys):
+    """The README's `dsft plan` example, run as written (its model directory: a Llama-2-7B config.json)."""
+    examples = readme_plan_examples((REPO / "README.md").read_text())
+    assert len(examples) == 1, "README: expected one ```text block with a `$ dsft plan` example"
+    ((args, shown),) = examples
+    model = next(a for a in args if a.startswith("model.name_or_path="))
+    args[args.index(model)] = f"model.name_or_path={llama7b_dir}"
+    args[args.index("--out") + 1] = str(tmp_path / "planned.yaml")
+    rc, text, err = run(plan.main, args, capsys)
+    assert rc == 0, text + err
+
+    def before_wrote(lines: list[str]) -> list[str]:  # the lines after "wrote" name the output path
+        return lines[: next(i for i, ln in enumerate(lines) if ln.startswith("wrote "))]
+
+    assert before_wrote(text.splitlines()) == before_wrote(shown), "README example is stale: rerun it and paste"
+    assert load_config(tmp_path / "planned.yaml").validate(1).global_batch == 16
 
 
 def _train(cmd: list[str], log: Path) -> None:
