@@ -171,7 +171,7 @@ def write_mmap(prefix: str | Path, samples: list[tuple[np.ndarray, np.ndarray]],
     """Write ``samples`` as a dsft SFT dataset: ``prefix.bin/.idx``, ``prefix_loss_mask.bin/.idx`` and the meta file
     (with the tokenizer fingerprint the engine checks)."""
     from data_tools import indexed
-    from data_tools.loading.mmap_source import LOSS_MASK_SUFFIX
+    from data_tools.indexed import LOSS_MASK_SUFFIX
     from data_tools.meta import META_VERSION, tokenizer_fingerprint, write_meta
 
     prefix = Path(prefix)

@@ -1,14 +1,21 @@
-"""jsonl / json → Megatron ``MMIDIDX`` (``P.bin/.idx``, ``P_loss_mask.bin/.idx``, ``P.meta.json``) and/or WebDataset.
+"""Records (jsonl, json, parquet, arrow, csv, gz, ``datasets`` folders, hub ids) → Megatron ``MMIDIDX``
+(``P.bin/.idx``, ``P_loss_mask.bin/.idx``, ``P.meta.json``) and/or WebDataset.
 
     python -m data_tools.convert --input data/train.jsonl --output-prefix data/train \\
         --tokenizer Qwen/Qwen2.5-0.5B-Instruct --format auto --workers 4
+    python -m data_tools.convert --input tatsu-lab/alpaca --split train --output-prefix data/alpaca --tokenizer DIR
 
-How it runs: the main process streams the inputs (jsonl lines as raw bytes; ``.json`` arrays through an incremental
-decoder), cuts them into chunks and keeps at most ``2 × workers + 2`` chunks in flight; worker processes parse and
-batch-encode a chunk each; the main process writes results in input order under temporary names and renames them into
+How it runs: the main process streams the inputs (:mod:`data_tools.sources`: jsonl lines as raw bytes, ``.json``
+arrays through an incremental decoder, tables in Arrow batches through ``datasets``), cuts them into chunks and keeps
+at most ``2 × workers + 2`` chunks in flight; worker processes parse and batch-encode a chunk each; the main process
+writes results in input order under temporary names (:class:`data_tools.indexed.DatasetWriter`) and renames them into
 place only when everything succeeded. Memory is bounded by the chunks in flight, not by the input size.
 
-Bad records (``--on-error fail``, the default) stop the run with ``file:line: what is wrong (format X)`` and a
+Text with a local tokenizer folder is encoded with ``tokenizers`` loaded straight from ``tokenizer.json``
+(:mod:`data_tools.rust_tokenizer`): no transformers import before the first token, the workers fork at once, and a
+thread checks the ids against ``AutoTokenizer`` meanwhile (once per tokenizer; a disagreement redoes the run with it).
+
+Bad records (``--on-error fail``, the default) stop the run with ``file:row: what is wrong (format X)`` and a
 non-zero exit, leaving no output under the final names; ``--on-error skip`` drops them and counts them by reason in
 the meta. Samples over ``--max-length`` follow ``--over-length``: ``error`` (default; a bad record like the others),
 ``truncate`` (keep the first N tokens; counted as ``truncated``; an SFT sample left with no assistant token is
@@ -18,16 +25,12 @@ dropped and counted) or ``drop`` (dropped and counted even with ``--on-error fai
 from __future__ import annotations
 
 import argparse
-import codecs
-import hashlib
-import json
 import multiprocessing as mp
 import os
 import sys
 import time
-import uuid
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,23 +38,34 @@ from typing import Any
 import numpy as np
 
 from data_tools import indexed
-from data_tools.encoding import Encoded, SampleEncoder
+from data_tools.encoding import Encoded, Rejected, SampleEncoder
 from data_tools.encoding import encode_raw_batch as _encode_raw_batch
-from data_tools.formats import FORMATS, SFT_FORMATS, BadRecord, FormatError, detect_format
+from data_tools.formats import (
+    FORMATS,
+    SFT_FORMATS,
+    BadRecord,
+    FormatError,
+    detect_format,
+    record_to_text,
+    required_keys,
+)
 from data_tools.formats import parse_json_line as _parse_json_line
-from data_tools.meta import META_VERSION, meta_path, read_meta, tokenizer_fingerprint, vocab_hash, write_meta
+from data_tools.indexed import LOSS_MASK_SUFFIX  # noqa: F401 - re-exported: callers import it from here
+from data_tools.meta import META_VERSION, meta_path, read_meta, tokenizer_fingerprint, vocab_hash
+from data_tools.sources import InputOptions, Source, SourceError, open_sources, parse_renames, rename_fields
+from data_tools.sources import file_sha256 as file_sha256
 from data_tools.templates import resolve_chat_template, template_meta
 
-LOSS_MASK_SUFFIX = "_loss_mask"
 CHUNK_RECORDS = 1024  # records per work unit: large enough to amortise IPC and batch encoding, small for latency
 CHUNK_BYTES = 4 << 20  # ...or this many input bytes, whichever comes first (bounds memory for long documents)
-ARRAY_READ_BYTES = 1 << 20  # read size of the incremental .json array parser
-MAX_SKIP_EXAMPLES = 20
-AUTO_DETECT_RECORDS = 1000  # --format auto with --on-error skip: records looked at before giving up  # "file:line: reason" examples kept in the meta
+ARRAY_READ_BYTES = 1 << 20  # read size of the incremental .json array parser (data_tools.sources)
+MAX_SKIP_EXAMPLES = 20  # "file:row: reason" examples kept in the meta
+AUTO_DETECT_RECORDS = 1000  # --format auto with --on-error skip: records looked at before giving up
+PROBE_RECORDS = 32  # input texts the tokenizer agreement check compares (with its fixed probes)
 
 
 class ConversionError(RuntimeError):
-    """A conversion stopped; the message starts with ``file:line:`` when a record is to blame."""
+    """A conversion stopped; the message starts with ``file:row:`` when a record is to blame."""
 
 
 @dataclass
@@ -73,139 +87,57 @@ class ConversionResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------------------------------------- reading
-class _Source:
-    """One input file: yields ``(line_no, payload)``; payload is raw line bytes (jsonl) or a parsed object (array)."""
+class _TokenizerDisagrees(Exception):
+    """The fast tokenizer gave other ids than transformers' (found before anything was committed)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-        self.blank_lines = 0
-        self.records = 0
-
-    def _is_json_array(self) -> bool:
-        with open(self.path, "rb") as fh:
-            head = fh.read(4096)
-        head = head.removeprefix(codecs.BOM_UTF8).lstrip()
-        return head.startswith(b"[")
-
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
-        if not os.path.isfile(self.path):
-            raise ConversionError(f"{self.path}: input file not found")
-        yield from (self._iter_array() if self._is_json_array() else self._iter_lines())
-
-    def _iter_lines(self) -> Iterator[tuple[int, bytes]]:
-        with open(self.path, "rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):
-                self.sha256.update(raw)
-                self.bytes += len(raw)
-                if line_no == 1:
-                    raw = raw.removeprefix(codecs.BOM_UTF8)
-                line = raw.rstrip(b"\r\n")
-                if not line.strip():
-                    self.blank_lines += 1
-                    continue
-                self.records += 1
-                yield line_no, line
-
-    def _iter_array(self) -> Iterator[tuple[int, Any]]:
-        """Stream the elements of a top-level JSON array without loading the file (raw_decode on a rolling buffer)."""
-        decoder = json.JSONDecoder()
-        text_decoder = codecs.getincrementaldecoder("utf-8-sig")()
-        buf, pos, line, eof = "", 0, 1, False
-        with open(self.path, "rb") as fh:
-
-            def fill() -> bool:
-                nonlocal buf, pos, eof
-                chunk = fh.read(ARRAY_READ_BYTES)
-                self.sha256.update(chunk)
-                self.bytes += len(chunk)
-                try:
-                    text = text_decoder.decode(chunk, final=not chunk)
-                except UnicodeDecodeError as exc:
-                    raise ConversionError(f"{self.path}:{line}: not valid UTF-8 ({exc.reason})") from exc
-                buf = buf[pos:] + text
-                pos = 0
-                eof = not chunk
-                return bool(chunk)
-
-            def skip_ws() -> bool:
-                """Advance past whitespace; False at the end of the file."""
-                nonlocal pos, line
-                while True:
-                    while pos < len(buf) and buf[pos] in " \t\r\n":
-                        line += buf[pos] == "\n"
-                        pos += 1
-                    if pos < len(buf):
-                        return True
-                    if not fill():
-                        return False
-
-            def fail(what: str) -> ConversionError:
-                # A broken array cannot be resynchronised, so this stops the run even with --on-error skip.
-                return ConversionError(f"{self.path}:{line}: {what} (a malformed JSON array stops the conversion)")
-
-            fill()
-            if not skip_ws() or buf[pos] != "[":
-                raise fail("expected '[' to open a JSON array")
-            pos += 1
-            first = True
-            while True:
-                if not skip_ws():
-                    raise fail("unexpected end of file inside the array")
-                if buf[pos] == "]":
-                    pos += 1
-                    if skip_ws():
-                        raise fail("unexpected data after the closing ']'")
-                    return
-                if not first:
-                    if buf[pos] != ",":
-                        raise fail(f"expected ',' or ']' but found {buf[pos]!r}")
-                    pos += 1
-                    if not skip_ws():
-                        raise fail("unexpected end of file inside the array")
-                while True:
-                    try:
-                        obj, end = decoder.raw_decode(buf, pos)
-                        # An element ending exactly at the buffer end may be cut (a number): read more and retry.
-                        if end < len(buf) or eof:
-                            break
-                        if not fill():
-                            break
-                    except json.JSONDecodeError as exc:
-                        if eof or not fill():
-                            raise fail(f"malformed JSON ({exc.msg})") from exc
-                start_line = line
-                line += buf.count("\n", pos, end)
-                pos = end
-                first = False
-                self.records += 1
-                yield start_line, obj
+    def __init__(self, why: str, tokenizer):
+        super().__init__(why)
+        self.why, self.tokenizer = why, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------- workers
-_WORKER: dict[str, SampleEncoder] = {}
+_WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer, encoder_kwargs: dict[str, Any]) -> None:
+def _init_worker(tokenizer, encoder_kwargs: dict[str, Any], renames: dict[str, str]) -> None:
     # One single-threaded tokenizer per process: N workers on N cores, no oversubscription by the Rust thread pool.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["encoder"] = SampleEncoder(tokenizer, **encoder_kwargs)
+    _WORKER["renames"] = renames
+
+
+def _encode_payloads(encoder: SampleEncoder, payloads: list, renames: dict[str, str]) -> list:
+    """Parse and encode one chunk; raw jsonl lines get the ``--columns`` renames here, after parsing."""
+    if not renames:
+        return _encode_raw_batch(encoder, payloads)
+    prepared: list = []
+    for payload in payloads:
+        if isinstance(payload, bytes):
+            try:
+                payload = rename_fields(_parse_json_line(payload), renames)
+            except BadRecord as bad:
+                payload = Rejected(bad.reason, bad.message)
+        prepared.append(payload)
+    keep = [n for n, p in enumerate(prepared) if not isinstance(p, Rejected)]
+    results = list(prepared)
+    for n, result in zip(keep, _encode_raw_batch(encoder, [prepared[n] for n in keep]), strict=True):
+        results[n] = result
+    return results
 
 
 def _encode_in_worker(payloads: list) -> list:
-    return _encode_raw_batch(_WORKER["encoder"], payloads)
+    return _encode_payloads(_WORKER["encoder"], payloads, _WORKER["renames"])
 
 
-def _chunks(sources: list[_Source]) -> Iterator[tuple[list[tuple[int, int]], list]]:
-    """Group ``(source index, line)`` locations and payloads into work units."""
+# ---------------------------------------------------------------------------------------------------------- reading
+def _chunks(sources: list[Source]) -> Iterator[tuple[list[tuple[int, int]], list]]:
+    """Group ``(source index, row)`` locations and payloads into work units."""
     where: list[tuple[int, int]] = []
     payloads: list = []
     size = 0
     for s_idx, source in enumerate(sources):
-        for line_no, payload in source:
-            where.append((s_idx, line_no))
+        for row, payload in source:
+            where.append((s_idx, row))
             payloads.append(payload)
             size += len(payload) if isinstance(payload, bytes) else 256
             if len(payloads) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
@@ -215,48 +147,64 @@ def _chunks(sources: list[_Source]) -> Iterator[tuple[list[tuple[int, int]], lis
         yield where, payloads
 
 
-def _parsed_records(sources: list[_Source]) -> Iterator[tuple[str, int, Any]]:
-    """``(path, line, record)`` of the records that parse, from separate readers (the real pass hashes the files)."""
+def _parsed_records(sources: list[Source]) -> Iterator[tuple[str, int, Any]]:
+    """``(label, row, record)`` of the records that parse, renamed, from fresh readers (the real pass hashes)."""
     for source in sources:
-        for line_no, payload in _Source(source.path):
+        for row, payload in source.fresh():
             if not isinstance(payload, bytes):
-                yield source.path, line_no, payload
+                yield source.label, row, payload
                 continue
             try:
-                yield source.path, line_no, _parse_json_line(payload)
+                yield source.label, row, rename_fields(_parse_json_line(payload), source.renames)
             except BadRecord:
                 continue  # left to the real pass, which reports or skips it like any bad line
 
 
-def _detect(sources: list[_Source], text_key: str, on_error: str) -> str:
+def _detect(sources: list[Source], text_key: str, on_error: str) -> str:
     """``--format auto``: the format of the first record that parses.
 
     With ``--on-error skip``, records whose keys fit no format are passed over (up to ``AUTO_DETECT_RECORDS``);
     they are skipped and counted by the real pass.
     """
     first_error = None
-    for n, (path, line_no, record) in enumerate(_parsed_records(sources)):
+    for n, (label, row, record) in enumerate(_parsed_records(sources)):
         try:
             return detect_format(record, text_key)
         except FormatError as exc:
-            first_error = first_error or ConversionError(f"{path}:{line_no}: {exc}")
+            first_error = first_error or ConversionError(f"{label}:{row}: {exc}")
             if on_error == "fail" or n + 1 >= AUTO_DETECT_RECORDS:
                 raise first_error from exc
     if first_error is not None:
         raise first_error
-    raise ConversionError(f"{', '.join(s.path for s in sources)}: no records; nothing to convert")
+    raise ConversionError(f"{', '.join(s.label for s in sources)}: no records; nothing to convert")
 
 
-def detect_input_format(inputs: list[str | os.PathLike], text_key: str = "text", on_error: str = "fail") -> str:
-    """What ``--format auto`` would detect for these files (the first record that parses; see :func:`_detect`).
+def _open(paths: list, split: str | None, subset: str | None, columns: str | dict[str, str] | None) -> list[Source]:
+    renames = parse_renames(columns) if isinstance(columns, str | type(None)) else dict(columns)
+    sources = open_sources(paths, InputOptions(split=split, subset=subset))
+    for s in sources:
+        s.renames = renames
+        s.read_bytes = ARRAY_READ_BYTES
+    return sources
+
+
+def detect_input_format(
+    inputs: list[str | os.PathLike],
+    text_key: str = "text",
+    on_error: str = "fail",
+    split: str | None = None,
+    subset: str | None = None,
+    columns: str | dict[str, str] | None = None,
+) -> str:
+    """What ``--format auto`` would detect for these inputs (the first record that parses; see :func:`_detect`).
 
     Raises:
-        ConversionError: a missing file, or no record of a known format (``file:line:`` of the first bad one).
+        ConversionError: a missing input, or no record of a known format (``file:row:`` of the first bad one).
     """
-    for p in inputs:
-        if not os.path.isfile(p):
-            raise ConversionError(f"{p}: input file not found")
-    return _detect([_Source(p) for p in inputs], text_key, on_error)
+    try:
+        return _detect(_open(list(inputs), split, subset, columns), text_key, on_error)
+    except SourceError as exc:
+        raise ConversionError(str(exc)) from exc
 
 
 def _load_tokenizer(tokenizer):
@@ -270,17 +218,24 @@ def _load_tokenizer(tokenizer):
         raise ConversionError(f"--tokenizer {tokenizer}: cannot load it ({type(exc).__name__}: {exc})") from exc
 
 
-def _results(chunks: Iterator, encoder_kwargs: dict, tokenizer, workers: int) -> Iterator[tuple[list, list]]:
-    """Encoded chunks in input order; with workers > 1 a bounded number of chunks is in flight."""
+def _results(
+    chunks: Iterator, encoder_kwargs: dict, tokenizer, workers: int, renames: dict, on_started: Callable[[], None]
+) -> Iterator[tuple[list, list]]:
+    """Encoded chunks in input order; with workers > 1 a bounded number of chunks is in flight.
+
+    ``on_started`` runs once the workers exist (right away with one worker): threads may start only after the fork.
+    """
     if workers <= 1:
         encoder = SampleEncoder(tokenizer, **encoder_kwargs)
+        on_started()
         for where, payloads in chunks:
-            yield where, _encode_raw_batch(encoder, payloads)
+            yield where, _encode_payloads(encoder, payloads, renames)
         return
     # fork: workers inherit the loaded tokenizer instead of unpickling or reloading it (spawn costs seconds each).
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, encoder_kwargs))
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, encoder_kwargs, renames))
     try:
+        on_started()
         pending: deque = deque()
         max_in_flight = 2 * workers + 2  # Pool.imap would read the whole input ahead: memory must stay bounded
         for where, payloads in chunks:
@@ -295,6 +250,38 @@ def _results(chunks: Iterator, encoder_kwargs: dict, tokenizer, workers: int) ->
     finally:
         pool.terminate()
         pool.join()
+
+
+def _probe_texts(sources: list[Source], text_key: str) -> list[str]:
+    """The first texts of the input, for the tokenizer agreement check."""
+    texts: list[str] = []
+    for _, _, record in _parsed_records(sources):
+        try:
+            texts.append(record_to_text(record, text_key))
+        except BadRecord:
+            continue
+        if len(texts) >= PROBE_RECORDS:
+            break
+    return texts
+
+
+def _fast_text_tokenizer(tokenizer, fmt: str, sources: list[Source], text_key: str):
+    """``(RustTokenizer, AgreementCheck)`` for text with a local tokenizer folder, else ``(None, None)``."""
+    from data_tools.rust_tokenizer import AgreementCheck, RustTokenizer, tokenizer_folder
+
+    folder = tokenizer_folder(tokenizer)
+    if fmt != "text" or folder is None or os.environ.get("DSFT_CONVERT_TOKENIZER") == "transformers":
+        return None, None
+    try:
+        rust = RustTokenizer(folder)
+    except Exception as exc:  # noqa: BLE001 - the transformers loader reports a broken folder with the flag to fix
+        print(f"note: {folder}/tokenizer.json: {exc}; loading it with transformers", file=sys.stderr, flush=True)
+        return None, None
+    check = AgreementCheck(rust)
+    if check.cached and not check.result()["agrees"]:
+        return None, None  # known to differ: transformers it is, from the start
+    check.probe = _probe_texts(sources, text_key) if not check.cached else []
+    return rust, check
 
 
 # ---------------------------------------------------------------------------------------------------------- convert
@@ -314,15 +301,20 @@ def convert(
     progress: bool = True,
     mask_method: str = "auto",
     chat_template: str | os.PathLike | None = None,
+    split: str | None = None,
+    subset: str | None = None,
+    columns: str | dict[str, str] | None = None,
 ) -> ConversionResult:
-    """Convert jsonl/json files into ``output_prefix`` (Megatron MMIDIDX) and/or WebDataset shards.
+    """Convert records into ``output_prefix`` (Megatron MMIDIDX) and/or WebDataset shards.
 
     Args:
-        inputs: one path or a list; records are taken in this order.
+        inputs: one input or a list, taken in this order: files (``.jsonl``, ``.json``, ``.jsonl.gz``, ``.json.gz``,
+            ``.parquet``, ``.arrow``, ``.csv``), ``save_to_disk`` folders, folders of shards, hub dataset ids
+            (see :mod:`data_tools.sources`).
         output_prefix: ``P`` for ``P.bin/.idx`` (+ ``P_loss_mask.*`` for SFT) and ``P.meta.json``; None to write
             only WebDataset shards.
         tokenizer: a loaded Hugging Face tokenizer, or a path / hub id for ``AutoTokenizer.from_pretrained``.
-        fmt: ``auto`` (detected from the first record) or one of ``text``, ``alpaca``, ``sharegpt``, ``messages``.
+        fmt: ``auto`` (detected from the first record) or one of :data:`data_tools.formats.FORMATS`.
         text_key: key of the text for ``text``.
         append_eod: append the end-of-document token to each ``text`` document.
         max_length: longest sample in tokens (None: no limit).
@@ -335,6 +327,9 @@ def convert(
         mask_method: ``auto``, ``generation`` or ``prefix`` (see :mod:`data_tools.encoding`).
         chat_template: a Jinja file to render SFT records with instead of the tokenizer's template (see
             :mod:`data_tools.templates`).
+        split: the split of a hub dataset (default ``train``) or of a ``save_to_disk`` DatasetDict.
+        subset: the subset (config name) of a hub dataset.
+        columns: ``"new=old,..."`` or ``{new: old}``: fields renamed before format detection.
 
     Returns:
         A :class:`ConversionResult` with the meta and throughput.
@@ -345,21 +340,70 @@ def convert(
     """
     paths = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
     if not paths:
-        raise ConversionError("--input: give at least one file")
+        raise ConversionError("--input: give at least one input")
     if output_prefix is None and webdataset_dir is None:
         raise ConversionError("give --output-prefix and/or --webdataset")
     if on_error not in ("fail", "skip"):
         raise ConversionError(f"--on-error {on_error!r}: expected fail or skip")
     if fmt != "auto" and fmt not in FORMATS:
         raise ConversionError(f"--format {fmt!r}: expected auto or one of {FORMATS}")
-    for p in paths:
-        if not os.path.isfile(p):
-            raise ConversionError(f"{p}: input file not found")
+    try:
+        sources = _open(paths, split, subset, columns)
+        if fmt == "auto":
+            fmt = _detect(sources, text_key, on_error)
+        for s in sources:
+            s.format, s.required = fmt, required_keys(fmt, text_key)
+        options = dict(
+            fmt=fmt,
+            text_key=text_key,
+            append_eod=append_eod,
+            max_length=max_length,
+            over_length=over_length,
+            workers=workers,
+            on_error=on_error,
+            webdataset_dir=webdataset_dir,
+            shard_size=shard_size,
+            progress=progress,
+            mask_method=mask_method,
+            chat_template=chat_template,
+        )
+        fast, check = _fast_text_tokenizer(tokenizer, fmt, sources, text_key)
+        if fast is not None:
+            try:
+                return _convert(sources, output_prefix, fast, check=check, **options)
+            except _TokenizerDisagrees as exc:
+                print(
+                    f"note: {exc.why} for {tokenizer}; converting again with the transformers tokenizer",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                tokenizer = exc.tokenizer
+                sources = [s.fresh() for s in sources]
+        return _convert(sources, output_prefix, _load_tokenizer(tokenizer), check=None, **options)
+    except SourceError as exc:
+        raise ConversionError(str(exc)) from exc
 
-    tok = _load_tokenizer(tokenizer)
-    sources = [_Source(p) for p in paths]
-    if fmt == "auto":
-        fmt = _detect(sources, text_key, on_error)
+
+def _convert(
+    sources: list[Source],
+    output_prefix: str | os.PathLike | None,
+    tok,
+    check,
+    fmt: str,
+    text_key: str,
+    append_eod: bool,
+    max_length: int | None,
+    over_length: str,
+    workers: int,
+    on_error: str,
+    webdataset_dir: str | os.PathLike | None,
+    shard_size: int,
+    progress: bool,
+    mask_method: str,
+    chat_template: str | os.PathLike | None,
+) -> ConversionResult:
+    """One pass of :func:`convert` with a loaded tokenizer; ``check`` (an ``AgreementCheck`` of a fast tokenizer)
+    must agree before anything is committed."""
     has_mask = fmt in SFT_FORMATS
     dtype = indexed.token_dtype_for_vocab(len(tok))
     encoder_kwargs = dict(
@@ -378,10 +422,9 @@ def convert(
         raise ConversionError(str(exc)) from exc
     if probe.template is not None and probe.template.warning:
         print(f"warning: {probe.template.warning}", file=sys.stderr, flush=True)
+    renames = sources[0].renames if sources else {}
 
-    tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_prefix = f"{output_prefix}.{tag}" if output_prefix is not None else None
-    builders: list[indexed.IndexedDatasetBuilder] = []
+    writer: indexed.DatasetWriter | None = None
     wds_writer = None
     # Folders this run creates are removed again on failure: nothing is left behind, not even an empty folder.
     made_dir = None
@@ -389,10 +432,8 @@ def convert(
     if output_prefix is not None and not Path(output_prefix).parent.exists():
         made_dir = Path(output_prefix).parent
     try:
-        if tmp_prefix is not None:
-            builders.append(indexed.IndexedDatasetBuilder(tmp_prefix, dtype))
-            if has_mask:
-                builders.append(indexed.IndexedDatasetBuilder(tmp_prefix + LOSS_MASK_SUFFIX, np.uint8))
+        if output_prefix is not None:
+            writer = indexed.DatasetWriter(output_prefix, dtype, with_loss_mask=has_mask)
         if webdataset_dir is not None:
             from data_tools.webdataset_writer import WebDatasetWriter
 
@@ -405,10 +446,15 @@ def convert(
         examples: list[str] = []
         bar = _progress_bar(progress)
         start = time.perf_counter()  # throughput counts the streaming pass, not the tokenizer load
-        for where, results in _results(_chunks(sources), encoder_kwargs, tok, workers):
-            for (s_idx, line_no), result in zip(where, results, strict=True):
+
+        def started() -> None:
+            if check is not None:
+                check.start(check.probe)
+
+        for where, results in _results(_chunks(sources), encoder_kwargs, tok, workers, renames, started):
+            for (s_idx, row), result in zip(where, results, strict=True):
                 if not isinstance(result, Encoded):
-                    location = f"{sources[s_idx].path}:{line_no}"
+                    location = f"{sources[s_idx].label}:{row}"
                     # Over-length samples under truncate/drop were accepted by the user: dropped and counted, not fatal.
                     # (Under truncate only a sample whose assistant tokens were all cut off comes back rejected.)
                     if on_error == "fail" and not (result.reason == "over_length" and over_length != "error"):
@@ -419,10 +465,8 @@ def convert(
                     if len(examples) < MAX_SKIP_EXAMPLES:
                         examples.append(f"{location}: {result.message}")
                     continue
-                if builders:
-                    builders[0].add_document(result.ids)
-                    if has_mask:
-                        builders[1].add_document(result.mask)
+                if writer is not None:
+                    writer.add(result.ids, result.mask)
                 if wds_writer is not None:
                     wds_writer.write(result.ids, result.mask)
                 counts["documents"] += 1
@@ -442,8 +486,13 @@ def convert(
             bar = None
         if counts["documents"] == 0:
             raise ConversionError(
-                f"{', '.join(map(str, paths))}: no usable records (skipped: {dict(skipped) or 'none'}); nothing written"
+                f"{', '.join(s.label for s in sources)}: no usable records (skipped: {dict(skipped) or 'none'}); "
+                "nothing written"
             )
+        if check is not None:
+            verdict = check.result()
+            if not verdict["agrees"]:
+                raise _TokenizerDisagrees(verdict["why"], check.hf_tokenizer)
 
         seconds = time.perf_counter() - start
         if ignored:
@@ -468,6 +517,7 @@ def convert(
             "max_length": max_length,
             "over_length": over_length,
             "on_error": on_error,
+            "columns": dict(renames) or None,
             "counts": {
                 "documents": counts["documents"],
                 "tokens": counts["tokens"],
@@ -478,50 +528,32 @@ def convert(
                 "blank_lines": sum(s.blank_lines for s in sources),
             },
             "skipped": {"by_reason": dict(sorted(skipped.items())), "examples": examples},
-            "sources": [
-                {
-                    "path": os.path.abspath(s.path),
-                    "sha256": s.sha256.hexdigest(),
-                    "bytes": s.bytes,
-                    "records": s.records,
-                }
-                for s in sources
-            ],
+            "sources": [_source_meta(s) for s in sources],
         }
         if wds_writer is not None:
             wds_writer.close(meta)
             wds_writer = None
-        if tmp_prefix is not None:
-            for b in builders:
-                b.finalize()
-            # The old meta goes first: while data files are being swapped, no meta says "finished".
-            meta_path(output_prefix).unlink(missing_ok=True)
-            indexed.rename(tmp_prefix, output_prefix)
-            if has_mask:
-                indexed.rename(tmp_prefix + LOSS_MASK_SUFFIX, f"{output_prefix}{LOSS_MASK_SUFFIX}")
-            else:
-                indexed.remove(f"{output_prefix}{LOSS_MASK_SUFFIX}")  # a stale mask from an earlier SFT run
-            write_meta(output_prefix, meta)  # last: its presence says the conversion finished
+        if writer is not None:
+            writer.commit(meta)
+            writer = None
     except BaseException:
         if bar is not None:
             bar.close()
-        for b in builders:
-            b.abort()
-        if tmp_prefix is not None:
-            indexed.remove(tmp_prefix)
-            indexed.remove(tmp_prefix + LOSS_MASK_SUFFIX)
+        if writer is not None:
+            writer.abort()
         if wds_writer is not None:
             wds_writer.abort()
         if made_dir is not None and made_dir.is_dir() and not any(made_dir.iterdir()):
             made_dir.rmdir()
         raise
+    input_bytes = sum(s.bytes for s in sources)
     stats = {
         "documents": counts["documents"],
         "tokens": counts["tokens"],
-        "input_bytes": sum(s.bytes for s in sources),
+        "input_bytes": input_bytes,
         "docs_per_s": counts["documents"] / seconds,
         "tokens_per_s": counts["tokens"] / seconds,
-        "mb_per_s": sum(s.bytes for s in sources) / 1e6 / seconds,
+        "mb_per_s": input_bytes / 1e6 / seconds,
     }
     return ConversionResult(
         output_prefix=str(output_prefix) if output_prefix is not None else None,
@@ -532,19 +564,29 @@ def convert(
     )
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, as recorded in ``meta["sources"]``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _source_meta(source: Source) -> dict[str, Any]:
+    """One ``meta["sources"]`` entry: what was read and what identifies it (``is_conversion_current`` compares
+    ``fingerprint``; ``sha256`` stays for files, as metas before ``datasets`` inputs had it)."""
+    entry: dict[str, Any] = {
+        "path": source.path if source.kind == "hub" else os.path.abspath(source.path),
+        "kind": source.kind,
+        "fingerprint": source.fingerprint,
+        "bytes": source.bytes,
+        "records": source.records,
+    }
+    if source.kind in ("json", "json.gz", "parquet", "arrow", "csv"):
+        entry["sha256"] = source.fingerprint
+    if source.kind in ("hub", "save_to_disk"):
+        entry.update(split=source.split, subset=source.subset)
+    return entry
 
 
 def is_conversion_current(
     output_prefix: str | os.PathLike,
     inputs: list[str | os.PathLike] | str | os.PathLike,
     tokenizer,
+    split: str | None = None,
+    subset: str | None = None,
     **options: Any,
 ) -> bool:
     """True when ``output_prefix`` already holds a finished conversion of exactly these inputs with this tokenizer.
@@ -554,27 +596,31 @@ def is_conversion_current(
 
     Args:
         output_prefix: the cache prefix.
-        inputs: the raw files, in order.
+        inputs: the raw inputs, in order (files, folders, hub ids).
         tokenizer: the tokenizer (object or path / id).
+        split: ``--split`` of a hub dataset / DatasetDict folder.
+        subset: ``--subset`` of a hub dataset.
         **options: the :func:`convert` keyword options to compare (``fmt``, ``text_key``, ``append_eod``,
             ``max_length``, ``over_length``, ``on_error``, ``chat_template``); ``fmt="auto"`` matches any detected
             format. For SFT data the template that would be used now (``chat_template``, else the tokenizer's, else
             the default) must be the one recorded: a tokenizer whose template changed re-converts.
     """
     keys = {"fmt": "format", "text_key": "text_key", "append_eod": "append_eod", "max_length": "max_length"}
-    keys.update(over_length="over_length", on_error="on_error", chat_template="chat_template")
+    keys.update(over_length="over_length", on_error="on_error", chat_template="chat_template", columns="columns")
     unknown = sorted(set(options) - set(keys))
     if unknown:
         raise TypeError(f"is_conversion_current: unknown option(s) {unknown}; expected some of {sorted(keys)}")
-    if not (meta_path(output_prefix).is_file() and indexed.exists(output_prefix)):
+    if not indexed.is_complete(output_prefix):
         return False
     meta = read_meta(output_prefix)
-    if meta.get("has_loss_mask") and not indexed.exists(f"{output_prefix}{LOSS_MASK_SUFFIX}"):
-        return False
     paths = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
-    recorded = [s.get("sha256") for s in meta.get("sources", [])]
-    if recorded != [file_sha256(p) for p in paths]:
-        return False
+    recorded = [s.get("fingerprint", s.get("sha256")) for s in meta.get("sources", [])]
+    try:
+        sources = open_sources(paths, InputOptions(split=split, subset=subset))
+        if recorded != [s.fingerprint for s in sources]:
+            return False
+    except SourceError:
+        return False  # the input is gone or unreadable now: convert() will say why
     tok = _load_tokenizer(tokenizer)
     if meta.get("tokenizer", {}).get("vocab_hash") != vocab_hash(tok):
         return False
@@ -591,6 +637,8 @@ def is_conversion_current(
     for option, value in options.items():
         if option == "chat_template" or (option == "fmt" and value == "auto"):
             continue
+        if option == "columns":
+            value = (parse_renames(value) if isinstance(value, str) else dict(value)) if value else None
         if option == "text_key" and meta.get("format") != "text":
             continue
         if meta.get(keys[option]) != value:
@@ -611,12 +659,31 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``dsft-convert`` / ``python -m data_tools.convert`` argument parser."""
     p = argparse.ArgumentParser(
         prog="dsft convert",
-        description="Convert jsonl/json records into Megatron-compatible .bin/.idx (+ loss mask) or WebDataset shards.",
+        description="Convert records (jsonl, json, parquet, arrow, csv, .gz, datasets folders, hub ids) into "
+        "Megatron-compatible .bin/.idx (+ loss mask) or WebDataset shards.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  dsft convert --input launch/demo_data/train.jsonl --output-prefix data/train "
-        "--tokenizer MODEL_DIR --format messages\n  (then data.train=data/train in the training config)",
+        epilog="examples:\n  dsft convert --input launch/demo_data/train.jsonl --output-prefix data/train "
+        "--tokenizer MODEL_DIR --format messages\n  (then data.train=data/train in the training config)\n"
+        "  dsft convert --input data/qa.parquet --columns prompt=question,completion=answer "
+        "--output-prefix data/qa --tokenizer MODEL_DIR\n"
+        "  HF_HUB_OFFLINE=1 dsft convert --input tatsu-lab/alpaca --split train --output-prefix data/alpaca "
+        "--tokenizer MODEL_DIR",
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl or .json (array) files, in order")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="in order: .jsonl/.json[.gz], .parquet, .arrow, .csv files, save_to_disk folders, folders of shards, "
+        "or hub dataset ids (namespace/name, read from the local cache when offline)",
+    )
+    p.add_argument("--split", metavar="NAME", help="split of a hub dataset (default train) or a DatasetDict folder")
+    p.add_argument("--subset", metavar="NAME", help="subset (config name) of a hub dataset")
+    p.add_argument(
+        "--columns",
+        metavar="NEW=OLD,...",
+        help="rename fields before format detection, e.g. prompt=question,completion=answer",
+    )
     p.add_argument("--output-prefix", metavar="P", help="writes P.bin/.idx, P_loss_mask.bin/.idx (SFT), P.meta.json")
     p.add_argument("--tokenizer", required=True, metavar="PATH_OR_ID", help="AutoTokenizer.from_pretrained argument")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="record format (auto: from the keys)")
@@ -672,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size,
             progress=not args.no_progress,
             chat_template=args.chat_template,
+            split=args.split,
+            subset=args.subset,
+            columns=args.columns,
         )
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)

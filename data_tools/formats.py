@@ -14,6 +14,9 @@ Formats (one JSON object per record):
               LLaMA-Factory ``{"type": "text"|"reasoning"|"tool_call", "value"}``); ``tool_calls``,
               ``reasoning_content``, ``name`` and ``tool_call_id`` go to the template; ``loss_weight`` 0 on an
               assistant turn leaves it untrained.
+``prompt_completion``  ``{"prompt": ..., "completion": ..., "tools"?}`` (TRL's prompt-completion): each a string
+              (the user turn / the assistant turn) or a list of messages as in ``messages`` (the prompt's are never
+              trained, the completion's assistant turns are). Rendered with the chat template like the others.
 
 ``tools`` (a list of schemas, or a JSON string of one as in LLaMA-Factory's sharegpt data) are passed to the chat
 template. Fields a format does not read are reported (:attr:`Conversation.ignored`), never dropped silently.
@@ -26,8 +29,8 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
-FORMATS = ("text", "alpaca", "sharegpt", "messages")
-SFT_FORMATS = ("alpaca", "sharegpt", "messages")
+FORMATS = ("text", "alpaca", "sharegpt", "messages", "prompt_completion")
+SFT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion")
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -66,14 +69,32 @@ def detect_format(record: Any, text_key: str = "text") -> str:
         return "sharegpt"
     if "messages" in record:
         return "messages"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
     if "instruction" in record and "output" in record:
         return "alpaca"
     if text_key in record:
         return "text"
     raise FormatError(
         f"cannot detect the format from keys {sorted(record)}: expected 'conversations' (sharegpt), 'messages', "
-        f"'instruction'+'output' (alpaca) or {text_key!r} (text); pass --format (and --text-key for text)"
+        f"'prompt'+'completion' (prompt_completion), 'instruction'+'output' (alpaca) or {text_key!r} (text); "
+        "rename fields with --columns new=old, or pass --format (and --text-key for text)"
     )
+
+
+def required_keys(fmt: str, text_key: str = "text") -> tuple[str, ...]:
+    """The top-level keys every record of ``fmt`` must have (a table without one of these columns is refused)."""
+    return {
+        "text": (text_key,),
+        "alpaca": ("instruction", "output"),
+        "sharegpt": ("conversations",),
+        "messages": ("messages",),
+        "prompt_completion": ("prompt", "completion"),
+    }[fmt]
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
 
 
 def _require(record: dict, key: str, types: type | tuple, what: str) -> Any:
@@ -81,7 +102,7 @@ def _require(record: dict, key: str, types: type | tuple, what: str) -> Any:
         raise BadRecord("missing_key", f'missing key "{key}"')
     value = record[key]
     if not isinstance(value, types):
-        raise BadRecord("wrong_type", f'key "{key}" must be {what}, got {type(value).__name__}')
+        raise BadRecord("wrong_type", f'key "{key}" must be {what}, got {_type_name(value)}')
     return value
 
 
@@ -125,6 +146,7 @@ RECORD_KEYS = {
     "alpaca": ("instruction", "input", "output", "system", "history", "tools"),
     "sharegpt": ("conversations", "system", "tools"),
     "messages": ("messages", "tools"),
+    "prompt_completion": ("prompt", "completion", "tools"),
 }
 SHAREGPT_TURN_KEYS = ("from", "value")
 # OpenAI / HF message fields handed to the template, plus LLaMA-Factory's per-message loss_weight (read by dsft).
@@ -250,11 +272,13 @@ def _loss_weight(turn: dict, role: str, where: str) -> bool | None:
     return bool(w)
 
 
-def _openai_messages(record: dict, ignored: set[str]) -> tuple[list[dict[str, Any]], list[bool | None]]:
-    turns = _require(record, "messages", list, "a list of {role, content} objects")
+def _openai_messages(
+    record: dict, ignored: set[str], field: str = "messages"
+) -> tuple[list[dict[str, Any]], list[bool | None]]:
+    turns = _require(record, field, list, "a list of {role, content} objects")
     messages, weights = [], []
     for n, turn in enumerate(turns):
-        where = f"messages[{n}]"
+        where = f"{field}[{n}]"
         if not isinstance(turn, dict):
             raise BadRecord("wrong_type", f"{where} must be an object, got {type(turn).__name__}")
         if "role" not in turn:
@@ -264,7 +288,7 @@ def _openai_messages(record: dict, ignored: set[str]) -> tuple[list[dict[str, An
             raise BadRecord("wrong_type", f"{where}.role is {role!r}; expected one of {list(MESSAGE_ROLES)}")
         if "content" not in turn and not turn.get("tool_calls"):
             raise BadRecord("missing_key", f'missing key "content" in {where}')
-        ignored.update(f"messages[].{k}" for k in turn if k not in MESSAGE_KEYS)
+        ignored.update(f"{field}[].{k}" for k in turn if k not in MESSAGE_KEYS)
         message: dict[str, Any] = {"role": role}
         for key in ("tool_calls", "name", "tool_call_id", *REASONING_KEYS):
             if turn.get(key) is not None:
@@ -274,6 +298,32 @@ def _openai_messages(record: dict, ignored: set[str]) -> tuple[list[dict[str, An
         message["content"] = _content_text(turn.get("content"), where, message)
         messages.append(message)
         weights.append(_loss_weight(turn, role, where))
+    return messages, weights
+
+
+def _prompt_completion_messages(record: dict, ignored: set[str]) -> tuple[list[dict[str, Any]], list[bool | None]]:
+    """TRL's prompt-completion: a string is one user (prompt) or assistant (completion) turn, a list is messages.
+    Nothing in the prompt is trained; the completion's assistant turns are, unless their ``loss_weight`` is 0."""
+    messages: list[dict[str, Any]] = []
+    weights: list[bool | None] = []
+    for key, role in (("prompt", "user"), ("completion", "assistant")):
+        if key not in record:
+            raise BadRecord("missing_key", f'missing key "{key}"')
+        value = record[key]
+        if isinstance(value, str):
+            if not value.strip():
+                raise BadRecord("empty", f'empty "{key}"' + (" (nothing to learn)" if key == "completion" else ""))
+            part, part_weights = [{"role": role, "content": value}], [None]
+        elif isinstance(value, list):
+            part, part_weights = _openai_messages(record, ignored, key)
+        else:
+            raise BadRecord(
+                "wrong_type", f'key "{key}" must be a string or a list of messages, got {_type_name(value)}'
+            )
+        if key == "prompt":  # the prompt is context: never trained, whatever its roles
+            part_weights = [False if m["role"] == "assistant" else w for m, w in zip(part, part_weights, strict=True)]
+        messages += part
+        weights += part_weights
     return messages, weights
 
 
@@ -309,6 +359,8 @@ def record_to_conversation(record: Any, fmt: str) -> Conversation:
         messages = _alpaca_messages(record)
     elif fmt == "sharegpt":
         messages = _sharegpt_messages(record, ignored)
+    elif fmt == "prompt_completion":
+        messages, weights = _prompt_completion_messages(record, ignored)
     else:
         messages, weights = _openai_messages(record, ignored)
     if not messages:

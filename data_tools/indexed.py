@@ -13,6 +13,10 @@ Byte layout of ``.idx`` (little endian), identical to ``megatron/core/datasets/i
 
 so an index is exactly ``34 + 12*S + 8*D`` bytes. Random access is O(1) through ``numpy.memmap``.
 Written by hand because Megatron-core is a heavy dependency (apex, transformer-engine) for ~150 lines of format.
+
+This module owns dsft's whole on-disk dataset: ``P.bin/.idx`` (token ids), ``P_loss_mask.bin/.idx``
+(:data:`LOSS_MASK_SUFFIX`; uint8, the same sequence sizes: :func:`check_loss_mask_aligned`) and ``P.meta.json``
+(written last by :class:`DatasetWriter`, whose presence says the conversion finished; content: ``data_tools.meta``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+LOSS_MASK_SUFFIX = "_loss_mask"  # P_loss_mask.bin/.idx beside P.bin/.idx: which tokens are trained (SFT)
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # 34
@@ -215,3 +220,107 @@ def merge(prefixes: list[str | os.PathLike], out_prefix: str | os.PathLike) -> I
         builder.add_index(p)
     builder.finalize()
     return IndexedDataset(out_prefix)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dsft datasets: tokens + optional loss mask + meta, written atomically.
+def loss_mask_prefix(prefix: str | os.PathLike) -> str:
+    """``P_loss_mask``: the prefix of ``P``'s loss mask."""
+    return f"{prefix}{LOSS_MASK_SUFFIX}"
+
+
+def has_loss_mask(prefix: str | os.PathLike) -> bool:
+    """``P_loss_mask.bin/.idx`` both exist."""
+    return exists(loss_mask_prefix(prefix))
+
+
+def check_loss_mask_aligned(prefix: str | os.PathLike, tokens: IndexedDataset | None = None) -> IndexedDataset | None:
+    """Open ``P``'s loss mask, if it has one, and check it lines up with the tokens sequence by sequence.
+
+    Args:
+        prefix: the dataset prefix ``P``.
+        tokens: ``IndexedDataset(P)`` when already open.
+
+    Returns:
+        The mask dataset, or None when ``P`` has no mask.
+
+    Raises:
+        IndexedDatasetError: the mask has other sequence sizes (it belongs to another conversion), or is corrupt.
+    """
+    mask_prefix = loss_mask_prefix(prefix)
+    if not index_path(mask_prefix).exists():
+        return None
+    tokens = tokens if tokens is not None else IndexedDataset(prefix)
+    mask = IndexedDataset(mask_prefix)
+    if len(mask) != len(tokens) or not np.array_equal(mask.sizes, tokens.sizes):
+        raise IndexedDatasetError(
+            f"{mask_prefix}.idx: {len(mask)} loss-mask sequences do not line up with the {len(tokens)} token "
+            f"sequences of {prefix}.idx (they belong to different conversions); re-run the conversion"
+        )
+    return mask
+
+
+class DatasetWriter:
+    """Writes a dsft dataset under temporary names and moves it into place only on :meth:`commit`.
+
+    Order of the commit (a reader never sees a finished-looking mix of two conversions): the old meta is removed,
+    ``.bin`` then ``.idx`` renamed, the mask renamed (or a stale one from an earlier SFT conversion removed), and
+    ``P.meta.json`` written last. :meth:`abort` deletes the temporary files; the final names are never touched.
+
+    Args:
+        prefix: the final ``P``.
+        dtype: token dtype (:func:`token_dtype_for_vocab`).
+        with_loss_mask: also write ``P_loss_mask`` (uint8, one value per token).
+        tag: suffix of the temporary names (unique per process by default).
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype, with_loss_mask: bool, tag: str | None = None):
+        import uuid
+
+        self.prefix = str(prefix)
+        self.tmp_prefix = f"{self.prefix}.{tag or f'tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'}"
+        self.with_loss_mask = with_loss_mask
+        self._tokens = IndexedDatasetBuilder(self.tmp_prefix, dtype)
+        self._mask = IndexedDatasetBuilder(loss_mask_prefix(self.tmp_prefix), np.uint8) if with_loss_mask else None
+
+    def add(self, ids, mask=None) -> None:
+        """One sample (one sequence, one document); ``mask`` is required exactly when the writer has a mask."""
+        if (mask is None) == self.with_loss_mask:
+            raise ValueError(f"{self.prefix}: a loss mask is {'required' if self.with_loss_mask else 'not expected'}")
+        if mask is not None and len(mask) != len(ids):
+            raise ValueError(f"{self.prefix}: loss mask of {len(mask)} values for {len(ids)} tokens")
+        self._tokens.add_document(ids)
+        if self._mask is not None:
+            self._mask.add_document(mask)
+
+    def commit(self, meta: dict) -> None:
+        """Finalize the temporary files, rename them into place and write the meta last."""
+        from data_tools.meta import meta_path, write_meta
+
+        self._tokens.finalize()
+        if self._mask is not None:
+            self._mask.finalize()
+        meta_path(self.prefix).unlink(missing_ok=True)
+        rename(self.tmp_prefix, self.prefix)
+        if self._mask is not None:
+            rename(loss_mask_prefix(self.tmp_prefix), loss_mask_prefix(self.prefix))
+        else:
+            remove(loss_mask_prefix(self.prefix))  # a stale mask from an earlier SFT conversion
+        write_meta(self.prefix, meta)  # last: its presence says the conversion finished
+
+    def abort(self) -> None:
+        """Delete the temporary files (after a failure); the final names are left as they were."""
+        self._tokens.abort()
+        if self._mask is not None:
+            self._mask.abort()
+        remove(self.tmp_prefix)
+        remove(loss_mask_prefix(self.tmp_prefix))
+
+
+def is_complete(prefix: str | os.PathLike) -> bool:
+    """A finished dsft dataset: ``P.meta.json`` (written last) and ``P.bin/.idx``, and the mask its meta promises."""
+    from data_tools.meta import meta_path, read_meta
+
+    if not (meta_path(prefix).is_file() and exists(prefix)):
+        return False
+    return not read_meta(prefix).get("has_loss_mask") or has_loss_mask(prefix)

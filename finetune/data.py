@@ -24,9 +24,14 @@ CONVERTER_FLAGS = {
     "--on-error": ("data.on_error", r"fail|skip"),
     "--over-length": ("data.over_length", r"error|truncate|drop"),
     "--max-length": ("data.max_length", r"\d+|N"),
-    "--format": ("data.format", r"auto|text|alpaca|sharegpt|messages|'[^']*'"),
+    "--format": ("data.format", r"auto|text|alpaca|sharegpt|messages|prompt_completion|'[^']*'"),
     "--chat-template": ("data.chat_template", r"FILE"),
+    "--columns": ("data.columns", r"[\w.-]+=[\w.-]+"),
+    "--split": ("data.split", r"[\w.-]+"),
+    "--subset": ("data.subset", r"[\w.-]+"),
 }
+# What a raw data.train / data.eval can be (converted once by resolve_data): data_tools.sources reads them.
+RAW_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".arrow", ".csv")
 
 
 def converter_message(message: str, chat_template: str | None = None) -> str:
@@ -49,18 +54,38 @@ def converter_message(message: str, chat_template: str | None = None) -> str:
 
 
 def is_raw(path: str) -> bool:
-    """``path`` is a raw .jsonl/.json file that ``resolve_data`` converts (not a WebDataset ``index.json``)."""
+    """``path`` is raw data that ``resolve_data`` converts: a file of :data:`RAW_SUFFIXES` (not a WebDataset
+    ``index.json``), a ``save_to_disk`` folder or a folder of shards (a folder without ``index.json``), or a hub
+    dataset id (``namespace/name`` that is neither a path nor an mmap prefix)."""
+    from data_tools.sources import is_hub_id
+
     p = Path(path)
-    return p.suffix in (".jsonl", ".json") and p.name != "index.json"
+    if p.name == "index.json":
+        return False
+    if p.is_dir():
+        return not (p / "index.json").is_file()
+    if p.name.lower().endswith(RAW_SUFFIXES):
+        return True
+    return is_hub_id(path) and not (Path(f"{p}.idx").exists() or Path(f"{p}.bin").exists())
+
+
+def _cache_stem(path: str) -> str:
+    """A readable start of the cache name: the file name without its data suffixes, the folder, or ``ns__name``."""
+    name = path.rstrip("/").replace("/", "__") if not Path(path).exists() else Path(path).name
+    for suffix in (".gz", *RAW_SUFFIXES):
+        name = name.removesuffix(suffix)
+    return name or "data"
 
 
 def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> str:
-    """Turn ``data.train``/``data.eval`` into what the loader reads; convert a raw .jsonl/.json once.
+    """Turn ``data.train``/``data.eval`` into what the loader reads; convert raw data (:func:`is_raw`) once.
 
-    Raw files are converted on the main rank into ``data.cache_dir`` (default ``output_dir/data_cache``) under a
-    name keyed by the file, the tokenizer and every option that changes the ids (``data.format``,
+    Raw inputs are converted on the main rank into ``data.cache_dir`` (default ``output_dir/data_cache``) under a
+    name keyed by the input (a file's size and mtime, every file's of a folder, a hub id with ``data.split`` and
+    ``data.subset``), the tokenizer and every option that changes the ids (``data.format``, ``data.columns``,
     ``data.max_length``, ``data.over_length``, ``data.on_error``, the ``data.chat_template`` file's content), while
-    the other ranks wait; a later run reuses the cache.
+    the other ranks wait. A later run reuses the cache once ``is_conversion_current`` agrees: the inputs' content
+    fingerprints (file sha256, or ``datasets``' fingerprint of a folder / cached hub split) match the meta.
 
     Args:
         path: the value of ``key``.
@@ -73,7 +98,7 @@ def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> 
             with the config key that changes the outcome).
     """
     from data_tools.meta import vocab_hash
-
+    from data_tools.sources import listing_key
     from finetune.preflight import data_path_problem
 
     p = Path(path)
@@ -82,7 +107,9 @@ def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> 
         raise ConfigError(problem)
     if is_raw(path):
         d = cfg.data
-        st = p.stat()
+        # data.split / data.subset / data.columns: read with getattr so a config without them still works.
+        split, subset = getattr(d, "split", None), getattr(d, "subset", None)
+        columns = getattr(d, "columns", None) or None
         template = hashlib.sha256(Path(d.chat_template).read_bytes()).hexdigest() if d.chat_template else None
         options = dict(
             fmt=d.format,
@@ -90,16 +117,17 @@ def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> 
             over_length=d.over_length,
             on_error=d.on_error,
             chat_template=d.chat_template,
+            columns=columns,
         )
         cache_key = "|".join(
             map(
                 str,
-                (p.resolve(), st.st_size, st.st_mtime_ns, vocab_hash(tokenizer), *options.values(), template)
+                (listing_key(path), split, subset, vocab_hash(tokenizer), *options.values(), template)
                 + (d.max_length, d.seq_len),
             )
         )
         cache = Path(d.cache_dir or Path(cfg.output_dir) / "data_cache")
-        prefix = cache / f"{p.stem}-{hashlib.sha1(cache_key.encode()).hexdigest()[:12]}"
+        prefix = cache / f"{_cache_stem(path)}-{hashlib.sha1(cache_key.encode()).hexdigest()[:12]}"
         error = None
         if dist.is_main():
             from data_tools.convert import ConversionError, convert, detect_input_format, is_conversion_current
@@ -108,12 +136,15 @@ def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> 
             # The meta is written last by convert(): checking it (not just the .idx) means a conversion killed
             # between its renames is redone instead of trained on.
             try:
-                fmt = d.format if d.format != "auto" else detect_input_format([p], on_error=d.on_error)
+                where = dict(split=split, subset=subset)
+                fmt = d.format
+                if fmt == "auto":
+                    fmt = detect_input_format([path], on_error=d.on_error, columns=columns, **where)
                 options.update(fmt=fmt, max_length=d.sample_max_length(fmt))
-                if not is_conversion_current(prefix, [p], tokenizer, **options):
+                if not is_conversion_current(prefix, [path], tokenizer, **where, **options):
                     cache.mkdir(parents=True, exist_ok=True)
-                    print(f"[dsft] converting {p} -> {prefix} (once; cached for later runs)", flush=True)
-                    convert([p], prefix, tokenizer, **options)
+                    print(f"[dsft] converting {path} -> {prefix} (once; cached for later runs)", flush=True)
+                    convert([path], prefix, tokenizer, **where, **options)
             except (ConversionError, FormatError) as e:
                 error = f"{key}: {converter_message(str(e), d.chat_template)}"
         # Also the barrier the other ranks wait at; every rank raises alike instead of hanging in the next collective.
@@ -216,9 +247,8 @@ def length_report(key: str, source: str, meta: dict[str, Any] | None, cfg: Confi
         has_mask, sizes = wds.has_loss_mask, np.concatenate([np.zeros(0, np.int64), *wds.sample_lengths()])
     else:
         from data_tools import indexed
-        from data_tools.convert import LOSS_MASK_SUFFIX
 
-        has_mask = indexed.exists(f"{source}{LOSS_MASK_SUFFIX}")
+        has_mask = indexed.has_loss_mask(source)
         sizes = np.asarray(indexed.IndexedDataset(source).sizes, dtype=np.int64)
     if has_mask or cfg.packing != "packed":
         over = sizes > cfg.data.seq_len

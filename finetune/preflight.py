@@ -40,7 +40,7 @@ def check_training_data(source: str | os.PathLike, tokenizer, model_vocab_size: 
     Raises:
         PreflightError: naming the file and the fix.
     """
-    from data_tools.indexed import IndexedDataset, IndexedDatasetError
+    from data_tools.indexed import IndexedDataset, IndexedDatasetError, check_loss_mask_aligned
     from data_tools.meta import MetaError, check_meta_matches_tokenizer, tokenizer_fingerprint
 
     if len(tokenizer) > model_vocab_size:
@@ -61,14 +61,7 @@ def check_training_data(source: str | os.PathLike, tokenizer, model_vocab_size: 
         logger.warning("%s: no .meta.json (converted by another tool?): cannot check which tokenizer made it", path)
     try:
         ds = IndexedDataset(path)
-        mask_prefix = Path(f"{path}_loss_mask")
-        if Path(f"{mask_prefix}.idx").exists():
-            mask = IndexedDataset(mask_prefix)
-            if len(mask) != len(ds) or not np.array_equal(mask.sizes, ds.sizes):
-                raise PreflightError(
-                    f"{mask_prefix}.idx: {len(mask)} loss-mask sequences do not line up with the {len(ds)} token "
-                    f"sequences of {path}.idx; re-run the conversion"
-                )
+        check_loss_mask_aligned(path, ds)
     except IndexedDatasetError as e:
         raise PreflightError(str(e)) from e
     if scan_tokens and len(ds):
@@ -125,20 +118,48 @@ def data_path_problem(path: str, key: str) -> str | None:
     """Why ``path`` (the value of ``data.train``/``data.eval``) is not data the run can read, or None.
 
     The kinds the loader reads: an mmap prefix (``P`` for ``P.bin``/``P.idx``), a WebDataset ``index.json`` or its
-    folder, a raw ``.jsonl``/``.json`` file that the run converts once.
+    folder, and raw data that the run converts once (``finetune.data.is_raw``): a ``.jsonl``/``.json``/``.gz``/
+    ``.parquet``/``.arrow``/``.csv`` file, a ``save_to_disk`` folder or a folder of shards, or a hub dataset id
+    (``namespace/name``; with ``HF_HUB_OFFLINE=1`` it must be in the local cache). Reads folders only, in
+    milliseconds: whether the records are usable is the converter's to say.
     """
+    from data_tools.sources import SHARD_SUFFIXES, hub_cache_has, is_hub_id, shard_files
+
     p = Path(path)
     if p.name == "index.json" or (p.is_dir() and (p / "index.json").is_file()):
         return None if (p if p.name == "index.json" else p / "index.json").is_file() else f"{key}={p}: no such file"
-    if p.suffix in (".jsonl", ".json"):
+    if p.name.lower().endswith(SHARD_SUFFIXES):
         if not p.exists():
             return f"{key}: data file {p} does not exist"
         if not p.is_file():
-            return f"{key}={p}: is a directory, expected a .jsonl/.json file"
+            return f"{key}={p}: is a directory, expected a {''.join(s for s in p.suffixes)} file"
         return None
-    if not Path(f"{p}.idx").exists():
-        hint = "" if Path(f"{p}.bin").exists() else " (no .bin either)"
-        return f"{key}={p}: expected an mmap prefix ({p}.bin/.idx{hint}), an index.json or a .jsonl file"
+    if p.is_dir():
+        if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file() or shard_files(p):
+            return None
+        return (
+            f"{key}={p}: a folder with no index.json, state.json or data files; expected an mmap prefix "
+            f"(P.bin/.idx), a WebDataset folder (index.json), a save_to_disk folder or a folder of "
+            f"{'/'.join('*' + s for s in SHARD_SUFFIXES)} files"
+        )
+    has_idx, has_bin = Path(f"{p}.idx").exists(), Path(f"{p}.bin").exists()
+    if not has_idx and not has_bin and is_hub_id(path):
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+        if hub_cache_has(path):
+            return None
+        if offline:
+            return (
+                f"{key}={p}: no mmap prefix ({p}.bin/.idx) and no hub dataset {p} in the local cache "
+                "(HF_HUB_OFFLINE=1); load the dataset once with network access, or give a path"
+            )
+        if not p.parent.is_dir():  # "data/train" with a local data/ folder is a prefix that is not converted yet
+            return None  # a hub id the ranks will download
+    if not has_idx:
+        hint = "" if has_bin else " (no .bin either)"
+        return (
+            f"{key}={p}: expected an mmap prefix ({p}.bin/.idx{hint}), an index.json, a data file "
+            "(.jsonl/.json/.gz/.parquet/.arrow/.csv), a datasets folder or a hub dataset id"
+        )
     if not Path(f"{p}.bin").exists():
         return f"{key}={p}: {p}.idx exists but {p}.bin does not; re-run the conversion"
     return None

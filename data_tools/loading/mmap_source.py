@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from data_tools import indexed
+from data_tools.indexed import LOSS_MASK_SUFFIX  # the on-disk format lives in data_tools.indexed
 from data_tools.loading.packing import (
     IGNORE_INDEX,
     PackingStats,
@@ -24,8 +25,6 @@ from data_tools.loading.packing import (
     collate_padded,
     pack_lengths,
 )
-
-LOSS_MASK_SUFFIX = "_loss_mask"
 
 
 class MmapSource:

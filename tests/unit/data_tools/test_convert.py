@@ -246,7 +246,7 @@ def test_multiple_inputs_and_format_detection_errors(tmp_path, tiny_tokenizer):
     b = _write_jsonl(tmp_path / "b.jsonl", TEXTS[2:5])
     res = convert([a, b], tmp_path / "ab", tiny_tokenizer, progress=False)
     assert len(IndexedDataset(tmp_path / "ab")) == 5 and [s["records"] for s in res.meta["sources"]] == [2, 3]
-    odd = _write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "a", "completion": "b"}])
+    odd = _write_jsonl(tmp_path / "odd.jsonl", [{"question": "a", "answer": "b"}])
     with pytest.raises(ConversionError, match=r"odd.jsonl:1: cannot detect the format .* pass --format"):
         convert(odd, tmp_path / "o", tiny_tokenizer, progress=False)
     with pytest.raises(ConversionError, match="input file not found"):

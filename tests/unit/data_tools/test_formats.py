@@ -61,8 +61,9 @@ def test_detect_format():
     assert formats.detect_format({"instruction": "a", "output": "b"}) == "alpaca"
     assert formats.detect_format({"conversations": []}) == "sharegpt"
     assert formats.detect_format({"messages": []}) == "messages"
-    with pytest.raises(formats.FormatError, match="pass --format"):
-        formats.detect_format({"prompt": "a", "completion": "b"})
+    assert formats.detect_format({"prompt": "a", "completion": "b"}) == "prompt_completion"
+    with pytest.raises(formats.FormatError, match="--columns new=old, or pass --format"):
+        formats.detect_format({"question": "a", "answer": "b"})
     with pytest.raises(formats.FormatError, match="JSON object"):
         formats.detect_format([1, 2])
 
