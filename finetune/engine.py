@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
+from data_tools.indexed import has_loss_mask, loss_mask_prefix
 from finetune import distributed as dist
 from finetune import ops
 from finetune.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
@@ -116,9 +117,9 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         pad_id=tokenizer.pad_token_id,
     )
     train_src = resolve_data(cfg.data.train, cfg, tokenizer, "data.train")
-    if require_loss_mask and not train_src.endswith(".json") and not Path(f"{train_src}_loss_mask.idx").exists():
+    if require_loss_mask and not train_src.endswith(".json") and not has_loss_mask(train_src):
         raise ConfigError(
-            f"data.train={cfg.data.train}: no loss mask ({train_src}_loss_mask.idx), so the loss would count prompt "
+            f"data.train={cfg.data.train}: no loss mask ({loss_mask_prefix(train_src)}.idx), so the loss would count prompt "
             "tokens too; convert chat/instruction data (data.format=messages|alpaca|sharegpt) or use full.py for text"
         )
     eval_src = resolve_data(cfg.data.eval, cfg, tokenizer, "data.eval") if cfg.data.eval else None
