@@ -1159,6 +1159,17 @@ def _diagnose_overfitting(train, evals, report: Report) -> None:
 
 def _diagnose_skipped(train, precision, report: Report) -> None:
     skipped = [r for r in train if r.get("skipped")]
+    total = train[-1].get("skipped_total") if train else None
+    if isinstance(total, int) and total > len(skipped) and not (precision == "fp16" and total <= 2):
+        # the engine's cumulative count (DeepSpeed's skipped_steps): exact whatever train.log_every is
+        share = total / max(train[-1]["step"], 1)
+        report.add(
+            FAIL if share >= 0.1 else WARN,
+            "skipped",
+            f"{total} of {train[-1]['step']} optimizer steps were skipped (non-finite gradients)",
+            "lower train.lr, use precision=bf16 instead of fp16, check the data (dsft doctor --config ...)",
+        )
+        return
     if not skipped:
         return
     steps = ", ".join(str(r["step"]) for r in skipped[:8]) + (" ..." if len(skipped) > 8 else "")
@@ -1189,6 +1200,9 @@ def _diagnose_finished(run: Path, train, train_cfg, report: Report) -> None:
     summary = run / "summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())
+        if s.get("aborted"):  # written by engine.main when training stopped with a diagnosis (exit 3)
+            report.add(FAIL, "finished", f"training aborted (exit {s.get('exit_code')}): {s['aborted']}")
+            return
         extra = f", eval loss {s['eval_loss']:.4g}" if _finite(s.get("eval_loss")) else ""
         report.add(OK, "finished", f"summary.json: step {s.get('step')}, last train loss {s.get('loss')}{extra}")
     else:

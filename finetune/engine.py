@@ -256,6 +256,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                     last.update(
                         mfu=mfu(fpt, tokens_per_s, peak, dist.world_size()),
                         skipped=not engine.was_step_applied(),
+                        # every skipped step since the start, not only the row's last one (dsft doctor counts them)
+                        skipped_total=int(getattr(engine, "skipped_steps", 0)),
                     )
                     metrics.log({**last, **memory_stats()})
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
@@ -558,6 +560,9 @@ def main(
         return 2
     except TrainingAborted as e:
         print(f"[dsft] training aborted on rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
+        if dist.is_main():  # the reason, where `dsft doctor RUN_DIR` reads it
+            summary = {"aborted": str(e), "exit_code": EXIT_BAD_STEPS}
+            Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
         return EXIT_BAD_STEPS
     except CheckpointError as e:
         if dist.is_main():

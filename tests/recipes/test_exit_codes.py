@@ -24,6 +24,16 @@ def test_non_finite_steps_exit_3_with_the_diagnosis(tmp_path, tiny_llama_dir, co
     assert "[dsft] step 1: skipped" in log and "[dsft] step 2: skipped" in log and "[dsft] step 3" not in log
     assert "2 consecutive steps with a non-finite loss" in log and "lower train.lr" in log
     assert "Traceback" not in log
+    # what `dsft doctor RUN_DIR` reads: the reason in summary.json, every skipped step counted in metrics.jsonl
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_code"] == 3 and "2 consecutive steps with a non-finite loss" in summary["aborted"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_total"] for r in rows if r.get("split") == "train"] == [1]  # step 2 aborts before its row
+    from finetune.doctor import main as doctor
+
+    assert doctor([str(out)]) == 1
 
 
 def test_failed_checkpoint_save_exits_4_and_says_how_to_resume(tmp_path, tiny_llama_dir, counting_data):

@@ -410,3 +410,23 @@ def test_a_rising_loss_without_nan_is_divergence_not_flat(tmp_path, capsys):
     div = finding(report, "divergence")
     assert code == 1 and div["level"] == "FAIL" and "rose from 5.665" in div["message"]
     assert "progress" not in levels(report)
+
+
+def test_skipped_steps_counted_from_the_engines_cumulative_total(tmp_path, capsys):
+    """With train.log_every=10 a row's `skipped` is its last step only; `skipped_total` counts all of them."""
+    rows = [{**train_row(s, 3.0 - 0.01 * s), "steps": 10, "skipped_total": 3 * (s // 10)} for s in range(10, 110, 10)]
+    code, report = run_doctor(capsys, str(write_run(tmp_path / "run", rows)))
+    assert code == 1 and levels(report)["skipped"] == "FAIL"
+    assert (
+        "30 of 100 optimizer steps were skipped"
+        in next(f for f in report["findings"] if f["check"] == "skipped")["message"]
+    )
+
+
+def test_an_aborted_run_is_quoted_from_summary_json(tmp_path, capsys):
+    run = write_run(tmp_path / "run", [train_row(s, 3.0 - 0.1 * s) for s in range(1, 6)], summary=False)
+    reason = "5 consecutive steps with a non-finite loss or gradient norm (up to step 5): lower train.lr=10"
+    (run / "summary.json").write_text(json.dumps({"aborted": reason, "exit_code": 3}))
+    code, report = run_doctor(capsys, str(run))
+    finding = next(f for f in report["findings"] if f["check"] == "finished")
+    assert code == 1 and finding["level"] == "FAIL" and reason in finding["message"]
