@@ -28,14 +28,6 @@ from pathlib import Path
 from launch.run import LaunchError, add_launcher_arguments, build_command
 
 FINETUNE_DIR = Path(__file__).resolve().parent.parent / "finetune"
-# The recipe script per method (canonical names; aliases are resolved by the method registry first).
-RECIPES = {
-    "full": "full.py",
-    "lora": "lora.py",
-    "qlora": "lora.py",
-    "prefix": "ptuning_v2.py",
-    "prompt": "prompt_tuning.py",
-}
 SFT = "sft"
 
 
@@ -46,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("method", help=f"{', '.join(RECIPES)}, an alias (ptuning_v2, prompt_tuning), or {SFT}")
+    p.add_argument("method", help=f"full, lora, qlora, prefix, prompt (or an alias: ptuning_v2, prompt_tuning), or {SFT}")
     p.add_argument("--config", help="the training YAML (finetune/configs/*.yaml, or one written by dsft plan)")
     add_launcher_arguments(p)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
@@ -54,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def recipe_for(method: str) -> tuple[str, list[str]]:
-    """(recipe script path, leading overrides) for ``dsft train METHOD``.
+    """(recipe script path, leading overrides) for ``dsft train METHOD``: the registry names the method's recipe
+    (``Method.recipe``); a registered method without one trains through ``sft.py``, which takes any method.
 
     Raises:
         LaunchError: an unknown method, with the known names.
@@ -64,22 +57,10 @@ def recipe_for(method: str) -> tuple[str, list[str]]:
     from finetune.methods import get_method
 
     try:
-        name = _canonical(get_method(method), method)
+        m = get_method(method)
     except ValueError as e:
         raise LaunchError(f"METHOD {method!r}: {e}; or {SFT}") from None
-    if name not in RECIPES:
-        raise LaunchError(f"METHOD {method!r}: no recipe script trains it; use {SFT} (any registered method)")
-    return str(FINETUNE_DIR / RECIPES[name]), [f"method.name={name}"]
-
-
-def _canonical(method_obj, typed: str) -> str:
-    """The canonical name of a resolved method (a registry entry's ``name``, or the key the old module map used)."""
-    name = getattr(method_obj, "name", None)
-    if isinstance(name, str):
-        return name
-    from finetune.methods import METHODS
-
-    return next((k for k, v in METHODS.items() if v is method_obj and k == typed), typed)
+    return str(FINETUNE_DIR / (m.recipe or "sft.py")), [f"method.name={m.name}"]
 
 
 def world_size_of(cmd: Sequence[str]) -> int:
