@@ -10,8 +10,8 @@ Steps, each the tool a user would run themselves:
    (``finetune.tiny``), saved with ``save_pretrained``;
 2. convert ``launch/demo_data/{train,eval}.jsonl`` (``messages`` format) with ``python -m data_tools.convert``;
 3. greedy-decode the held-out questions with the base model: exact-match accuracy *before*;
-4. fine-tune with the real launcher, ``python -m launch.run --num_gpus 2 finetune/full.py --config
-   finetune/configs/demo.yaml ...`` (2 CPU ranks, ZeRO-2; hyper-parameters live in that YAML);
+4. fine-tune with the real launcher, ``dsft train full --config finetune/configs/demo.yaml --num-gpus 2 ...``
+   (the ``deepspeed`` launcher over ``finetune/full.py``; 2 CPU ranks, ZeRO-2; hyper-parameters live in that YAML);
 5. greedy-decode again with ``output_dir/final``: accuracy *after*; print and save a short report
    (``demo_out/report.json``).
 
@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "launch" / "demo_data"
 CONFIG = "finetune/configs/demo.yaml"
-RECIPE = "finetune/full.py"
+METHOD = "full"  # dsft train full: finetune/full.py
 
 # The demo model: ~0.6M parameters. Measured (plain PyTorch, 1 CPU thread, batch 32): learns held-out 2-digit
 # addition to 97% exact match in 900 steps (~40 s); hidden 64 was slower to learn, bigger is slower per step.
@@ -146,18 +146,19 @@ def free_port() -> int:
 def train_command(
     base_model: Path, data_prefix: Path, eval_prefix: Path, run_dir: Path, ranks: int, overrides: Sequence[str]
 ) -> list[str]:
-    """The ``launch.run`` command that fine-tunes the demo model (hyper-parameters come from the demo YAML)."""
+    """The ``dsft train`` command that fine-tunes the demo model (hyper-parameters come from the demo YAML)."""
     return [
         sys.executable,
         "-m",
-        "launch.run",
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        RECIPE,
+        "launch.cli",
+        "train",
+        METHOD,
         "--config",
         CONFIG,
+        "--num-gpus",
+        str(ranks),
+        "--master-port",
+        str(free_port()),
         f"model.name_or_path={base_model}",
         f"data.train={data_prefix}",
         f"data.eval={eval_prefix}",
@@ -170,14 +171,13 @@ def gpu_command(num_gpus: int = 1) -> str:
     """The same fine-tune on a GPU with a pretrained hub model (raw jsonl: the recipe converts it with that tokenizer)."""
     return shlex.join(
         [
-            "python",
-            "-m",
-            "launch.run",
-            "--num_gpus",
-            str(num_gpus),
-            RECIPE,
+            "dsft",
+            "train",
+            METHOD,
             "--config",
             CONFIG,
+            "--num-gpus",
+            str(num_gpus),
             "model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct",
             "data.train=launch/demo_data/train.jsonl",
             "data.eval=launch/demo_data/eval.jsonl",
@@ -264,7 +264,7 @@ def run_demo(
 
     run_dir = out_dir / "run"
     cmd = train_command(base_model, data_prefix, eval_prefix, run_dir, ranks, list(overrides))
-    shown = shlex.join(["python", *cmd[1:]])
+    shown = shlex.join(["dsft", *cmd[3:]])  # what a user types: `python -m launch.cli` is the dsft script
     log(f"[4/5] fine-tuning on {ranks} ranks: {shown}  (log: {logs / 'train.log'})")
     t = time.time()
     # One thread per rank: 2 ranks on 2 cores; more threads only fight over the same cores.
@@ -323,7 +323,7 @@ def format_report(report: dict) -> str:
         f"  time          {report['total_s']:.0f} s total, {report['times']['train_s']:.0f} s fine-tuning\n"
         f"  examples\n{ex}\n"
         f"  same on a GPU with a hub model:\n    {report['gpu_command']}\n"
-        f"    python -m launch.demo --evaluate runs/demo_gpu/final\n"
+        f"    dsft eval runs/demo_gpu --prompts launch/demo_data/eval.jsonl\n"
     )
 
 

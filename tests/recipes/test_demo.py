@@ -67,8 +67,8 @@ def test_demo_report_fields_and_loss_fell(demo_run):
     assert report["min_accuracy_gain"] == MIN_ACCURACY_GAIN and report["learned"] is False
     assert math.isfinite(report["loss_last"]) and report["loss_last"] < 0.7 * report["loss_first"]
     assert report["model_dir"] == str(out / "run" / "final")
-    assert "--num_gpus 2" in report["train_command"] and "finetune/configs/demo.yaml" in report["train_command"]
-    assert report["gpu_command"].startswith("python -m launch.run --num_gpus 1 finetune/full.py")
+    assert "dsft train full --config finetune/configs/demo.yaml --num-gpus 2" in report["train_command"]
+    assert report["gpu_command"].startswith("dsft train full --config finetune/configs/demo.yaml --num-gpus 1")
     assert len(report["examples"]) == 5 and {"prompt", "expected", "got", "ok"} <= set(report["examples"][0])
     text = format_report(report)
     assert f"{report['accuracy_before']:.1%} -> {report['accuracy_after']:.1%}" in text
