@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("method", help=f"full, lora, qlora, prefix, prompt (or an alias: ptuning_v2, prompt_tuning), or {SFT}")
+    p.add_argument(
+        "method", help=f"full, lora, qlora, prefix, prompt (or an alias: ptuning_v2, prompt_tuning), or {SFT}"
+    )
     p.add_argument("--config", help="the training YAML (finetune/configs/*.yaml, or one written by dsft plan)")
     add_launcher_arguments(p)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
