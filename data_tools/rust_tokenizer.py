@@ -119,9 +119,14 @@ def _cache_dir() -> Path:
 
 
 def _backend_config(tokenizer) -> dict:
+    """The serialised backend minus what ``tokenizer(text)`` does not use or what means the same either way."""
     config = json.loads(tokenizer.to_str())
     config.pop("truncation", None)
     config.pop("padding", None)
+    model = config.get("model") or {}
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):  # transformers writes "", tokenizers None
+        if model.get(key) == "":
+            model[key] = None
     return config
 
 

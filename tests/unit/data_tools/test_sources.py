@@ -331,3 +331,38 @@ def test_dataset_writer_commits_atomically_and_checks_alignment(tmp_path):
     aborted.add([1])
     aborted.abort()
     _nothing_left(tmp_path, "e")
+
+
+# ------------------------------------------------------------------------------------------- training path
+def test_resolve_data_converts_a_parquet_and_a_hub_id_once_and_preflight_knows_the_kinds(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    import datasets
+
+    from finetune.config import ConfigError, load_config
+    from finetune.data import is_raw, resolve_data
+    from finetune.preflight import data_path_problem
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "data.train=x"])
+    datasets.Dataset.from_list(RECORDS).to_parquet(str(tmp_path / "d.parquet"))
+    first = resolve_data(str(tmp_path / "d.parquet"), cfg, tiny_tokenizer)
+    mtime = meta_path(first).stat().st_mtime_ns
+    assert resolve_data(str(tmp_path / "d.parquet"), cfg, tiny_tokenizer) == first  # cached: not converted again
+    assert meta_path(first).stat().st_mtime_ns == mtime
+    datasets.Dataset.from_list(RECORDS[:2]).to_parquet(str(tmp_path / "d.parquet"))  # new content: a new cache
+    second = resolve_data(str(tmp_path / "d.parquet"), cfg, tiny_tokenizer)
+    assert second != first and len(IndexedDataset(second)) == 2
+
+    make_hub_cache(tmp_path, "dsft-test/tiny", {"train": RECORDS, "test": RECORDS[:1]}, monkeypatch)
+    assert is_raw("dsft-test/tiny") and data_path_problem("dsft-test/tiny", "data.train") is None
+    assert _tokens(resolve_data("dsft-test/tiny", cfg, tiny_tokenizer)) == _tokens(first)
+    monkeypatch.setattr(cfg.data, "split", "validation", raising=False)  # until DataConfig has data.split
+    with pytest.raises(ConfigError, match=r"data.train: dsft-test/tiny\[validation\]: unknown split .*data.split=NAME"):
+        resolve_data("dsft-test/tiny", cfg, tiny_tokenizer)
+    assert "no hub dataset dsft-test/nope in the local cache (HF_HUB_OFFLINE=1)" in data_path_problem(
+        "dsft-test/nope", "data.train"
+    )
+    (tmp_path / "empty").mkdir()
+    assert "expected an mmap prefix" in data_path_problem(str(tmp_path / "empty"), "data.train")
+    assert data_path_problem(str(tmp_path / "d.parquet"), "data.train") is None
+    assert "does not exist" in data_path_problem(str(tmp_path / "gone.parquet"), "data.train")
