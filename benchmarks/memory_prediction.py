@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from finetune.distributed import free_port as _free_port
+from launch.process import free_port as _free_port
 
 # TinyLlama-1.1B: 22 layers, hidden 2048, MLP 5632, 32 heads with 4 KV heads (GQA), vocab 32000.
 SHAPE = dict(

@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.distributed import free_port as _free_port
+from launch.process import free_port as _free_port
+from launch.process import run_logged
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = REPO / "benchmarks" / "peer_hf_trainer.py"
@@ -461,17 +461,7 @@ def launch(
         cmd += ["--", str(script), *args]
     else:
         cmd += [str(script), *args]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        try:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=launcher_env(world), timeout=timeout_s)
-        except subprocess.TimeoutExpired as e:
-            raise RuntimeError(f"{script.name} did not finish in {timeout_s} s; see {log}") from e
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise RuntimeError(f"{script.name} exited with {proc.returncode}; log {log}, last lines:\n{tail}")
+    run_logged(cmd, log, script.name, env=launcher_env(world), timeout=timeout_s)
 
 
 def dsft_overrides(cfg: BenchConfig, assets: dict, method: str, zero: int, precision: str, out: Path) -> list[str]:

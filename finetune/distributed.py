@@ -12,7 +12,6 @@ A recipe runs the same way under three launchers:
 from __future__ import annotations
 
 import os
-import socket
 import weakref
 from datetime import timedelta
 
@@ -20,15 +19,7 @@ import torch
 import torch.distributed as dist
 
 from finetune import ops
-
-
-def free_port() -> int:
-    """A TCP port free on this host right now (the OS picks it): for rendezvous of runs and tests that may start at the
-    same time as others, which must never share 29500. The one copy: tests, benchmarks and the demo import it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from launch.process import free_port  # a world of one picks its own rendezvous port
 
 # (rank, world size, local rank, local world size) variables set by MPI implementations and srun, in lookup order.
 _LAUNCHER_ENV = [

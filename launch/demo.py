@@ -25,11 +25,12 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from launch.process import ChildFailed, free_port, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "launch" / "demo_data"
@@ -63,7 +64,7 @@ MIN_ACCURACY_GAIN = 0.80
 EXIT_DID_NOT_LEARN = 5
 
 
-class DemoError(RuntimeError):
+class DemoError(ChildFailed):
     """A demo step failed; the message names the step, the command and where its log is."""
 
 
@@ -91,23 +92,11 @@ def build_base_model(out_dir: Path, train_records: Sequence[dict], seed: int = 0
     return build_model(out_dir / "base_model", tok_dir, seed=seed, **MODEL_SHAPE)
 
 
-def run_logged(cmd: list[str], log: Path, step: str, env: dict | None = None) -> None:
-    """Run ``cmd`` with its output in ``log``; on failure raise with the command and the log's tail."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    if rc != 0:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise DemoError(f"{step} failed (exit {rc}): {shlex.join(cmd)}\n--- last lines of {log} ---\n{tail}")
-
-
 def convert(jsonl: Path, prefix: Path, tokenizer_dir: Path, log: Path) -> None:
     """``python -m data_tools.convert`` the demo jsonl (``messages`` format) into an mmap prefix + loss mask."""
     cmd = [sys.executable, "-m", "data_tools.convert", "--input", str(jsonl), "--output-prefix", str(prefix)]
     cmd += ["--tokenizer", str(tokenizer_dir), "--format", "messages", "--no-progress"]
-    run_logged(cmd, log, f"converting {jsonl}")
+    run_logged(cmd, log, f"converting {jsonl}", cwd=REPO)
 
 
 def exact_match(
@@ -134,13 +123,6 @@ def exact_match(
     decoding = generation.Decoding(max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size)
     accuracy, rows = generation.exact_match(loaded, prompts, decoding)
     return accuracy, [{k: row[k] for k in ("prompt", "expected", "got", "ok")} for row in rows]
-
-
-def free_port() -> int:
-    """A TCP port free right now (``finetune.distributed.free_port``, imported late: this CLI starts without torch)."""
-    from finetune.distributed import free_port as port
-
-    return port()
 
 
 def train_command(
@@ -269,7 +251,7 @@ def run_demo(
     t = time.time()
     # One thread per rank: 2 ranks on 2 cores; more threads only fight over the same cores.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    run_logged(cmd, logs / "train.log", "fine-tuning", env=env)
+    run_logged(cmd, logs / "train.log", "fine-tuning", env=env, cwd=REPO)
     times["train_s"] = time.time() - t
     final = run_dir / "final"
     if not final.is_dir():
@@ -364,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_demo(
             args.out_dir, args.overrides, args.n_eval, args.ranks, min_accuracy_gain=args.min_accuracy_gain
         )
-    except DemoError as e:
+    except ChildFailed as e:  # a step failed (DemoError is one)
         print(f"launch.demo: {e}", file=sys.stderr)
         return 1
     print(format_report(report))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune.distributed import free_port as _free_port
+from launch.process import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")

@@ -32,8 +32,8 @@ from finetune.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from finetune.distributed import free_port as _free_port
 from finetune.watchdog import EXIT_STEP_TIMEOUT, StepWatchdog
+from launch.process import free_port as _free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ import pytest
 from ds_configs import generate, plan
 from ds_configs.build import make_ds_config, preset_path
 from finetune.config import describe, load_config, to_dict
-from finetune.distributed import free_port
+from launch.process import free_port
 from tests.recipes.conftest import _env, write_counting_data
 
 REPO = Path(__file__).resolve().parents[3]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ds_configs.build import PRESETS
-from finetune.distributed import free_port as _free_port
+from launch.process import free_port as _free_port
 
 SCRIPT = Path(__file__).with_name("presets_step.py")
 REPO = Path(__file__).resolve().parents[3]

@@ -82,7 +82,9 @@ def test_collective_timeout_is_the_timeout_of_every_process_group(tiny_llama_dir
     """``train.collective_timeout_s`` on the command line bounds the collectives of a real (gloo, world of one)
     process group made by the engine, and of the group that carries rank 0's answers (``broadcast_from_main``)."""
     args = ["--config", "finetune/configs/lora.yaml", f"model.name_or_path={tiny_llama_dir}"]
-    args += [f"data.train={tmp_path / 'unused'}", f"output_dir={tmp_path / 'out'}", "train.collective_timeout_s=123"]
+    unused = tmp_path / "unused.jsonl"  # never read (the run stops once its groups exist), but it must exist:
+    unused.write_text('{"text": "x"}\n')  # engine.main checks data paths before the process group
+    args += [f"data.train={unused}", f"output_dir={tmp_path / 'out'}", "train.collective_timeout_s=123"]
     # A world of its own: not the pytest process's (some fixtures set RANK/MASTER_PORT for an in-process engine).
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -36,8 +36,8 @@ def test_qlora_weights_are_in_the_training_dtype_after_deepspeed_initialize(tiny
     import deepspeed
 
     from finetune.config import load_config
-    from finetune.distributed import free_port
     from finetune.model import load_model
+    from launch.process import free_port
 
     port = free_port()
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
