@@ -1,6 +1,6 @@
 """Recipe script for the test-defined ``head`` method: register it (the one call), then the shared engine.
 
-    deepspeed --num_gpus 2 tests/recipes/head_method_script.py --config finetune/configs/full.yaml method.name=head ...
+deepspeed --num_gpus 2 tests/recipes/head_method_script.py --config finetune/configs/full.yaml method.name=head ...
 """
 
 import sys

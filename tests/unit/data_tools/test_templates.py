@@ -172,7 +172,9 @@ def _reasoning_conversations(draw):
             messages.append({"role": "tool", "content": draw(_WORDS)})
         think = draw(st.one_of(st.none(), _WORDS))
         answer = draw(_WORDS)
-        messages.append({"role": "assistant", "content": f"<think>\n{think}\n</think>\n\n{answer}" if think else answer})
+        messages.append(
+            {"role": "assistant", "content": f"<think>\n{think}\n</think>\n\n{answer}" if think else answer}
+        )
     return {"messages": messages, "tools": [WEATHER_TOOL]}
 
 
