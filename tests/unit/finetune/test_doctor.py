@@ -1,4 +1,4 @@
-"""``dsft doctor`` (finetune/doctor.py): each failure the issue names is flagged with the right diagnosis, and the
+"""``dsft doctor`` (finetune/doctor/): each failure the issue names is flagged with the right diagnosis, and the
 healthy demo config passes, overfit-one-batch included.
 
 Before training: the demo's own base model and data (``launch.demo`` builds them: a 0.6M-param Llama, the 2-digit
