@@ -1,10 +1,9 @@
-"""Turn training outputs into plain Hugging Face models (console script ``dsft-export``).
+"""Turn training outputs into plain Hugging Face models (``dsft export``, also ``python -m finetune.export``).
 
     # LoRA/QLoRA adapter + its base -> one merged model that from_pretrained loads without PEFT
-    python -m finetune.export merge --adapter runs/lora/final --out runs/lora/merged
-
+    dsft export merge --adapter runs/lora/final --out runs/lora/merged
     # a DeepSpeed ZeRO checkpoint (any stage, any world size) -> fp32 weights (full model or PEFT adapter)
-    python -m finetune.export zero --checkpoint runs/full/checkpoints --out runs/full/step_weights
+    dsft export zero --checkpoint runs/full/checkpoints --out runs/full/step_weights
 
 ``zero`` consolidates the per-rank fp32 optimizer partitions with DeepSpeed's ``zero_to_fp32`` (the master weights,
 more precise than the 16-bit ``final/``), then writes them like ``final/``: a ``save_pretrained`` model for full
