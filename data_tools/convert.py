@@ -226,10 +226,20 @@ def _results(
     ``on_started`` runs once the workers exist (right away with one worker): threads may start only after the fork.
     """
     if workers <= 1:
-        encoder = SampleEncoder(tokenizer, **encoder_kwargs)
-        on_started()
-        for where, payloads in chunks:
-            yield where, _encode_payloads(encoder, payloads, renames)
+        # One worker is one core, as N workers are N: without this the Rust batch encoder would spread over every
+        # core of a machine the user asked to leave alone (tokenizers reads the variable at each batch call).
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            encoder = SampleEncoder(tokenizer, **encoder_kwargs)
+            on_started()
+            for where, payloads in chunks:
+                yield where, _encode_payloads(encoder, payloads, renames)
+        finally:
+            if before is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
         return
     # fork: workers inherit the loaded tokenizer instead of unpickling or reloading it (spawn costs seconds each).
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
@@ -452,6 +462,8 @@ def _convert(
                 check.start(check.probe)
 
         for where, results in _results(_chunks(sources), encoder_kwargs, tok, workers, renames, started):
+            chunk_ids: list = []
+            chunk_masks: list | None = [] if has_mask else None
             for (s_idx, row), result in zip(where, results, strict=True):
                 if not isinstance(result, Encoded):
                     location = f"{sources[s_idx].label}:{row}"
@@ -465,18 +477,23 @@ def _convert(
                     if len(examples) < MAX_SKIP_EXAMPLES:
                         examples.append(f"{location}: {result.message}")
                     continue
-                if writer is not None:
-                    writer.add(result.ids, result.mask)
+                chunk_ids.append(result.ids)
+                if has_mask:
+                    chunk_masks.append(result.mask)
+                    counts["masked_tokens"] += int(result.mask.sum(dtype=np.int64))
                 if wds_writer is not None:
                     wds_writer.write(result.ids, result.mask)
                 counts["documents"] += 1
                 counts["tokens"] += len(result.ids)
-                if has_mask:
-                    counts["masked_tokens"] += int(result.mask.sum(dtype=np.int64))
-                counts["truncated"] += result.truncated
-                counts["truncated_tokens"] += result.lost
-                turn_ends.update(result.turn_ends)
-                ignored.update(result.ignored)
+                if result.truncated:
+                    counts["truncated"] += 1
+                    counts["truncated_tokens"] += result.lost
+                if result.turn_ends:
+                    turn_ends.update(result.turn_ends)
+                if result.ignored:
+                    ignored.update(result.ignored)
+            if writer is not None:
+                writer.add_many(chunk_ids, chunk_masks)  # one write per chunk
             if bar is not None:
                 bar.update(len(where))
                 elapsed = max(time.perf_counter() - start, 1e-9)

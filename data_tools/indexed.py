@@ -158,6 +158,20 @@ class IndexedDatasetBuilder:
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._sizes.append(int(arr.size))
 
+    def add_documents(self, documents: list) -> None:
+        """Many one-sequence documents at once: one range check and one write for the lot (the converter's path;
+        per-document numpy calls cost more than the write itself)."""
+        if not documents:
+            return
+        arrays = [np.asarray(d) for d in documents]
+        flat = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(self.dtype).max):
+            raise ValueError(f"token id out of range for {self.dtype} (min {flat.min()}, max {flat.max()})")
+        self._bin.write(flat.astype(self.dtype, copy=False).tobytes(order="C"))
+        first = len(self._sizes)
+        self._sizes.extend(len(a) for a in arrays)
+        self._doc_idx.extend(range(first + 1, first + len(arrays) + 1))
+
     def end_document(self) -> None:
         self._doc_idx.append(len(self._sizes))
 
@@ -292,6 +306,18 @@ class DatasetWriter:
         self._tokens.add_document(ids)
         if self._mask is not None:
             self._mask.add_document(mask)
+
+    def add_many(self, ids: list, masks: list | None = None) -> None:
+        """Several samples (:meth:`add` for each, written in one go)."""
+        if (masks is None) == self.with_loss_mask:
+            raise ValueError(f"{self.prefix}: loss masks are {'required' if self.with_loss_mask else 'not expected'}")
+        if masks is not None:
+            for n, (i, m) in enumerate(zip(ids, masks, strict=True)):
+                if len(m) != len(i):
+                    raise ValueError(f"{self.prefix}: sample {n}: loss mask of {len(m)} values for {len(i)} tokens")
+        self._tokens.add_documents(ids)
+        if self._mask is not None:
+            self._mask.add_documents(masks)
 
     def commit(self, meta: dict) -> None:
         """Finalize the temporary files, rename them into place and write the meta last."""
