@@ -210,11 +210,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = build_command(args)
     except LaunchError as e:
         parser.error(str(e))
-    if args.dry_run:
+    return run_or_show(cmd, args.dry_run, "launch.run")
+
+
+def run_or_show(cmd: Sequence[str], dry_run: bool, who: str) -> int:
+    """``--dry-run``: print ``cmd`` shell-quoted (stdout), exit 0; else say it on stderr and return its exit status."""
+    if dry_run:
         print(shlex.join(cmd))
         return 0
-    print(f"launch.run: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    print(f"{who}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    return subprocess.call(list(cmd))
 
 
 if __name__ == "__main__":

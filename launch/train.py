@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from launch.run import LaunchError, add_launcher_arguments, build_command
+from launch.run import LaunchError, add_launcher_arguments, build_command, run_or_show
 
 FINETUNE_DIR = Path(__file__).resolve().parent.parent / "finetune"
 SFT = "sft"
@@ -118,11 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(shlex.join(cmd))
-        return 0
-    print(f"dsft train: {world} rank(s): {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    return run_or_show(cmd, args.dry_run, f"dsft train: {world} rank(s)")
 
 
 if __name__ == "__main__":
