@@ -11,6 +11,10 @@ documents are often longer than a row, and packing would have to truncate (lose)
 chunks fill 100% of every row, need no packer, and each chunk is one O(1) memmap slice. The resets keep the one rule
 that packing guarantees: no token attends to, or is trained to predict, another document.
 
+A list of ``{"path", "weight"}`` sources is a weighted mixture (``loading.blend``): one blended source with Megatron
+``BlendedDataset`` semantics whose order depends on global positions only (not on the rank or world size); the
+planner treats it as one more mmap source, and each batch also carries ``source_counts`` (samples per source).
+
 Everything random derives from ``(seed, epoch, rank, worker)``, so ``state_dict()`` (epoch, batches consumed, seed)
 is the whole state: a resumed run rebuilds the epoch and continues at the next batch. This module never calls
 ``torch.distributed``: the caller passes ``rank`` and ``world_size``.
@@ -18,6 +22,7 @@ is the whole state: a resumed run rebuilds the epoch and continues at the next b
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +30,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from data_tools.loading import mmap_source, webdataset_source
+from data_tools.loading import blend, mmap_source, webdataset_source
 from data_tools.loading.packing import ATTENTION_MODES, PACKING_MODES, PackingStats
 
 STATE_VERSION = 1
@@ -89,10 +94,24 @@ class DistributedLoader:
     def is_webdataset(self) -> bool:
         return isinstance(self.source, webdataset_source.WebDatasetSource)
 
+    @property
+    def is_mixture(self) -> bool:
+        return isinstance(self.source, blend.BlendedSource)
+
+    @property
+    def source_names(self) -> list[str] | None:
+        """Names of a mixture's sources, in the order of ``source_counts``; None for a single source."""
+        return self.source.names if self.is_mixture else None
+
     def _ensure_plan(self) -> None:
         if not self.is_webdataset and self._plan_epoch != self.epoch:
-            self._plan, self.stats = mmap_source.make_plan(self.source, epoch=self.epoch, cfg=self.cfg)
-            self._plan_epoch = self.epoch
+            src, cfg = self.source, self.cfg
+            if self.is_mixture:
+                # The blend is already ordered (and shuffled within each source); the ranks take its positions
+                # rank::world_size in order, so every rank's batches keep the mixture's shares.
+                src, cfg = self.source.epoch_view(self.epoch), dataclasses.replace(cfg, shuffle=False)
+            self._plan, self.stats = mmap_source.make_plan(src, epoch=self.epoch, cfg=cfg)
+            self._plan_source, self._plan_epoch = src, self.epoch
 
     def __len__(self) -> int:
         """Batches per epoch for this rank; the same number on every rank."""
@@ -122,7 +141,7 @@ class DistributedLoader:
             # Streams are deterministic, so resuming = regenerating and skipping the consumed batches.
             batches = itertools.islice(self._iterate(stream, batch_size=None), start, n)
         else:
-            ds = mmap_source.PlanBatches(self.source, self._plan, self.cfg)
+            ds = mmap_source.PlanBatches(self._plan_source, self._plan, self.cfg)
             if self.cfg.num_workers == 0:
                 batches = (ds[j] for j in range(start, n))
             else:
@@ -153,6 +172,7 @@ class DistributedLoader:
             "shuffle": c.shuffle,
             "num_workers": c.num_workers if self.is_webdataset else None,
             "num_batches": len(self),
+            "mixture": self.source.fingerprint() if self.is_mixture else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -160,6 +180,7 @@ class DistributedLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         mine = self.state_dict()
+        _check_same_mixture(state.get("mixture"), mine["mixture"])
         for key in ("seed", "world_size", "micro_batch_size", "seq_len", "packing", "shuffle", "num_workers"):
             if state[key] != mine[key]:
                 raise ValueError(
@@ -175,8 +196,41 @@ class DistributedLoader:
         self.batches_consumed = int(state["batches_consumed"])
 
 
+def _check_same_mixture(saved: list[dict] | None, now: list[dict] | None) -> None:
+    """Refuse to resume a mixture whose sources, weights or sizes changed (the blended order would differ)."""
+    if saved == now:
+        return
+    if saved is None or now is None:
+        was, became = ("one source", "a mixture") if saved is None else ("a mixture", "one source")
+        raise ValueError(
+            f"loader state: the checkpoint trained on {was}, this run on {became}; restore the data "
+            "setting of the checkpoint or start a fresh run"
+        )
+    old = {m["name"]: m for m in saved}
+    new = {m["name"]: m for m in now}
+    for name in sorted(set(old) ^ set(new)):
+        what = "is new" if name in new else "was dropped"
+        raise ValueError(
+            f"loader state: mixture source {name!r} {what} since the checkpoint; the resumed run "
+            "would see other batches. Restore the mixture or start a fresh run"
+        )
+    for name in sorted(old):
+        a, b = old[name], new[name]
+        for key in ("share", "units"):
+            if a[key] != b[key]:
+                change = "its data changed" if key == "units" else "restore it"
+                raise ValueError(
+                    f"loader state: mixture source {name!r} has {key} {a[key]!r} in the checkpoint but "
+                    f"{b[key]!r} now ({change}, or start a fresh run)"
+                )
+    raise ValueError(
+        f"loader state: the mixture's order changed since the checkpoint ({[m['name'] for m in saved]} "
+        f"then, {[m['name'] for m in now]} now); restore it or start a fresh run"
+    )
+
+
 def build_dataloader(
-    source: str | Path,
+    source: str | Path | list[dict],
     *,
     seq_len: int,
     micro_batch_size: int,
@@ -198,7 +252,9 @@ def build_dataloader(
 
     Args:
         source: an mmap prefix (``P`` for ``P.bin/.idx``, optional ``P_loss_mask.bin/.idx``) or the path of a
-            WebDataset ``index.json`` (format ``dsft-webdataset/1``) or of its folder.
+            WebDataset ``index.json`` (format ``dsft-webdataset/1``) or of its folder; or a weighted mixture of
+            those, ``[{"path": A, "weight": 0.75}, {"path": B, "weight": 0.25}]`` (optional ``"name"`` per item,
+            default the file name; see ``loading.blend``: deterministic, a small source repeats).
         seq_len: row length in tokens; longer samples are truncated (counted in ``loader.stats``).
         micro_batch_size: rows per batch.
         rank: this process's rank; world_size: number of ranks (the loader never asks torch.distributed).
@@ -223,8 +279,13 @@ def build_dataloader(
 
     Returns:
         A ``DistributedLoader``: iterable of batch dicts (``input_ids``, ``labels``, ``position_ids``,
-        ``attention_mask`` except packed+position_ids, which has the varlen kwargs instead, ``num_real_tokens``), with
-        ``len``, ``set_epoch``, ``state_dict`` / ``load_state_dict``.
+        ``attention_mask`` except packed+position_ids, which has the varlen kwargs instead, ``num_real_tokens``; a
+        mixture also ``source_counts``, an int64 tensor of real samples per source, excluding zero-weight repeats),
+        with ``len``, ``set_epoch``, ``state_dict`` / ``load_state_dict`` (a mixture's state also holds its sources,
+        weights and sizes, and a changed mixture is refused by name).
+
+    Raises:
+        ValueError: bad arguments, or a mixture with a bad weight (``source[1].weight ...``).
     """
     cfg = LoaderConfig(
         seq_len=seq_len,
@@ -243,6 +304,8 @@ def build_dataloader(
         pack_window=pack_window,
         shuffle_buffer=shuffle_buffer,
     )
+    if isinstance(source, list | tuple):
+        return DistributedLoader(blend.BlendedSource(blend.parse_mixture(list(source)), cfg), cfg)
     path = Path(source)
     if path.is_dir() and (path / "index.json").is_file():  # a WebDataset folder given instead of its index
         path = path / "index.json"

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -218,12 +219,29 @@ class PlanBatches(Dataset):
             out["labels"][[entry(c)[1] for c in batch]] = IGNORE_INDEX  # repeated chunks carry no targets
             return out
         if cfg.packing == "packed":
-            rows = [[self._sample(i) for i in row] for row in batch]
-            return collate_packed(rows, t, cfg.pad_id, cfg.attention)
-        return collate_padded([self._sample(i) for i in batch], cfg.pad_id, cfg.pad_multiple, cfg.seq_len)
+            rows = [[piece for i in row for piece in self._pieces(i)] for row in batch]
+            out = collate_packed(rows, t, cfg.pad_id, cfg.attention)
+            entries = [i for row in batch for i in row]
+        else:
+            out = collate_padded([self._sample(i) for i in batch], cfg.pad_id, cfg.pad_multiple, cfg.seq_len)
+            entries = batch
+        source_of = getattr(src, "source_of", None)
+        if source_of is not None:  # a mixture (loading.blend): real samples per source; repeats carry no targets
+            real = np.asarray([i for i in entries if i >= 0], dtype=np.int64)
+            counts = np.bincount(source_of[real], minlength=src.num_sources)
+            out["source_counts"] = torch.from_numpy(counts.astype(np.int64))
+        return out
 
     def _sample(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample of plan entry ``i``; a repeat gets an all-zero loss mask (no targets)."""
         index, repeated = entry(i)
         ids, loss_mask = self.source.sample(index, self.cfg.seq_len)
         return (ids, np.zeros(len(ids), np.uint8)) if repeated else (ids, loss_mask)
+
+    def _pieces(self, i: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """The packed pieces of plan entry ``i``: one sample, or a blended text chunk's document pieces."""
+        if not hasattr(self.source, "pieces"):
+            return [self._sample(i)]
+        index, repeated = entry(i)
+        pieces = self.source.pieces(index, self.cfg.seq_len)
+        return [(ids, np.zeros(len(ids), np.uint8)) for ids, _ in pieces] if repeated else pieces
