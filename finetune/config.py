@@ -59,9 +59,27 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One source of a weighted mixture (an item of a ``data.train`` / ``data.eval`` list)."""
+
+    path: str = _f("", "The source: any kind a single data.train may be (mmap prefix, index.json, raw data).")
+    weight: float = _f(1.0, "Share of the mixture (normalised over the list; >= 0, not all 0).")
+    name: str | None = _f(None, "Name in source_counts and per-source eval keys; default the file name.")
+
+
+@dataclass
 class DataConfig:
-    train: str = _f("", "Training data: mmap prefix (x for x.bin/x.idx), WebDataset index.json, or raw .jsonl/.json.")
-    eval: str | None = _f(None, "Evaluation data (same kinds as data.train); null disables evaluation.")
+    train: str | list[DataSource] = _f(
+        "",
+        "Training data: mmap prefix (x for x.bin/x.idx), WebDataset index.json, or raw .jsonl/.json/.parquet/... ; "
+        "or a weighted mixture [{path: A, weight: 0.7}, {path: B, weight: 0.3}] (Megatron BlendedDataset order: "
+        "deterministic, a small source repeats; batches count samples per source).",
+    )
+    eval: str | list[DataSource] | None = _f(
+        None,
+        "Evaluation data (same kinds as data.train); a list is evaluated per source (eval rows: loss/NAME) plus "
+        "overall (all target tokens pooled); null disables evaluation.",
+    )
     format: str = _f(
         "auto", "Format of raw .jsonl/.json input for the converter: auto | text | alpaca | sharegpt | messages."
     )
@@ -304,6 +322,10 @@ class Config:
 
     def _validate_data(self) -> None:
         d = self.data
+        for key in ("train", "eval"):
+            items = getattr(d, key)
+            if isinstance(items, list):
+                _validate_mixture(f"data.{key}", items)
         if d.max_length is not None and d.max_length < 1:
             raise ConfigError(f"data.max_length={d.max_length} must be >= 1 (or null for data.seq_len)")
         if d.chat_template is not None and not Path(d.chat_template).is_file():
@@ -359,6 +381,30 @@ class Config:
                 f"data.packing={self.data.packing} with method.name={method.name}: the method needs padded rows "
                 "(virtual tokens need a 2-D attention mask); use data.packing=padding (or auto)"
             )
+
+
+def _validate_mixture(key: str, items: list[DataSource]) -> None:
+    """Weights of a ``data.train``/``data.eval`` list: finite, >= 0, not all 0; paths given; names unique."""
+    import math
+
+    from data_tools.loading.blend import default_name
+
+    if not items:
+        raise ConfigError(f"{key}=[]: give at least one source, e.g. {key}=[{{path: A, weight: 1}}]")
+    names: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if not item.path:
+            raise ConfigError(f"{key}[{i}].path is empty: give the source's path")
+        if not math.isfinite(item.weight) or item.weight < 0:
+            raise ConfigError(f"{key}[{i}].weight={item.weight!r} must be a finite number >= 0 (a share of the mix)")
+        name = item.name or default_name(item.path)
+        if name in names:
+            raise ConfigError(
+                f"{key}[{i}]: the name {name!r} is also {key}[{names[name]}]'s; set {key}[{i}].name to tell them apart"
+            )
+        names[name] = i
+    if sum(item.weight for item in items) <= 0:
+        raise ConfigError(f"{key}: every weight is 0; give at least one source a weight > 0")
 
 
 def _config_keys(method: registry.Method) -> rules.KeyStyle:
@@ -427,6 +473,10 @@ def _coerce(key: str, value: Any, tp: Any, choices: tuple | None) -> Any:
         raise ConfigError(errors[-1] if errors else f"{key}: cannot be null")
     if origin is list:
         (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):  # a list of sections (data.train mixtures): each item a typed mapping
+            if not isinstance(value, list):
+                raise ConfigError(f"{key}={value!r}: expected a string or a list of {{path: ..., weight: ...}}")
+            return [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):

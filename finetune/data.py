@@ -77,8 +77,11 @@ def _cache_stem(path: str) -> str:
     return name or "data"
 
 
-def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> str:
+def resolve_data(path, cfg: Config, tokenizer, key: str = "data.train"):
     """Turn ``data.train``/``data.eval`` into what the loader reads; convert raw data (:func:`is_raw`) once.
+
+    A mixture (a list of ``DataSource`` items or ``{"path", "weight", "name"}`` dicts) resolves item by item, errors
+    naming ``key[i]``, into the list ``build_dataloader`` takes: ``[{"path": resolved, "weight": w, "name": n}]``.
 
     Raw inputs are converted on the main rank into ``data.cache_dir`` (default ``output_dir/data_cache``) under a
     name keyed by the input (a file's size and mtime, every file's of a folder, a hub id with ``data.split`` and
@@ -97,6 +100,11 @@ def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> 
         ConfigError: on every rank, when the file is missing or the converter refuses it (``key: file:line: ...``
             with the config key that changes the outcome).
     """
+    if isinstance(path, list | tuple):
+        return [
+            {"path": resolve_data(item_path(item), cfg, tokenizer, f"{key}[{i}]"), **_weight_and_name(item)}
+            for i, item in enumerate(path)
+        ]
     from data_tools.meta import vocab_hash
     from data_tools.sources import listing_key
     from finetune.preflight import data_path_problem
@@ -157,17 +165,80 @@ def resolve_data(path: str, cfg: Config, tokenizer, key: str = "data.train") -> 
     return str(p)  # mmap prefix or WebDataset index: checked against the tokenizer and the model by check_sources
 
 
-def check_sources(sources: list[str | None], tokenizer, vocab_size: int) -> None:
-    """Data vs model checks (tokenizer hash, ids < vocab, intact files) on the main rank; every rank raises."""
+def item_path(item) -> str:
+    """The path of a mixture item (a ``DataSource`` or a ``{"path", ...}`` dict; a plain path stays itself)."""
+    if isinstance(item, str | Path):
+        return str(item)
+    return str(item["path"] if isinstance(item, dict) else item.path)
+
+
+def _weight_and_name(item) -> dict[str, Any]:
+    from data_tools.loading.blend import default_name
+
+    get = item.get if isinstance(item, dict) else lambda k, d=None: getattr(item, k, d)
+    return {"weight": get("weight", 1.0), "name": get("name") or default_name(item_path(item))}
+
+
+def source_paths(resolved) -> list[str]:
+    """The resolved paths of a ``resolve_data`` result: one, a mixture's each, or none (None)."""
+    if not resolved:
+        return []
+    return [item_path(it) for it in resolved] if isinstance(resolved, list | tuple) else [str(resolved)]
+
+
+def tokenizer_mismatch(labelled: list[tuple[str, str]]) -> str | None:
+    """Why the sources of one mixture cannot train together, or None: they were converted with different tokenizers.
+
+    Args:
+        labelled: ``(label, resolved path)`` per source; the label names it in the message (``data.train[1]=B``).
+            Sources without a converter meta (converted by another tool) are not compared.
+    """
+    seen: list[tuple[str, dict]] = []
+    for label, src in labelled:
+        try:
+            meta = source_meta(src)
+        except (OSError, ValueError):  # unreadable meta: the per-source checks report it with their own message
+            continue
+        tok = (meta or {}).get("tokenizer") or {}
+        if not tok.get("vocab_hash"):
+            continue
+        for other_label, other in seen:
+            if other["vocab_hash"] != tok["vocab_hash"]:
+                return (
+                    f"{other_label} and {label} were converted with different tokenizers ({other.get('name')!r}, "
+                    f"vocab {other.get('vocab_size')} vs {tok.get('name')!r}, vocab {tok.get('vocab_size')}): the "
+                    "same ids would mean different tokens. Re-convert every source with the model's tokenizer"
+                )
+        seen.append((label, tok))
+    return None
+
+
+def check_sources(sources: list, tokenizer, vocab_size: int) -> None:
+    """Data vs model checks (tokenizer hash, ids < vocab, intact files) on the main rank; every rank raises.
+
+    ``sources`` are ``resolve_data`` results (a path, a mixture list, or None). The sources of a mixture must also
+    agree with each other on the tokenizer (named by their mixture names), checked first.
+    """
     from finetune.preflight import PreflightError, check_training_data
 
     error = None
     if dist.is_main():
-        try:
-            for src in filter(None, sources):
+        mixtures = [r for r in sources if isinstance(r, list | tuple)]
+        for resolved in mixtures:
+            error = error or tokenizer_mismatch(
+                [(f"source {it['name']!r} ({it['path']})", it["path"]) for it in resolved]
+            )
+        labelled = [
+            (f"mixture source {it['name']!r}: " if isinstance(r, list | tuple) else "", item_path(it))
+            for r in sources
+            for it in (r if isinstance(r, list | tuple) else source_paths(r))
+        ]
+        for label, src in [] if error else labelled:
+            try:
                 check_training_data(src, tokenizer, vocab_size)
-        except PreflightError as e:
-            error = str(e)
+            except PreflightError as e:
+                error = f"{label}{e}"
+                break
     error = dist.broadcast_object(error)  # the other ranks would otherwise wait forever in the next collective
     if error:
         raise ConfigError(error)
@@ -266,9 +337,16 @@ def report_lengths(cfg: Config, sources: dict[str, str | None]) -> dict[str, dic
     lines printed. Main rank only: it reads every sample length once."""
     reports = {}
     for key, src in sources.items():
-        if src:
-            reports[key] = length_report(key, src, source_meta(src), cfg)
-            for line in length_messages(reports[key], raw=is_raw(getattr(cfg.data, key.split(".")[1]))):
+        if not src:
+            continue
+        given = getattr(cfg.data, key.split(".")[1])
+        if isinstance(src, list | tuple):  # a mixture: one report per source, data.train[i]
+            entries = [(f"{key}[{i}]", item_path(it), item_path(given[i])) for i, it in enumerate(src)]
+        else:
+            entries = [(key, src, given)]
+        for k, path, original in entries:
+            reports[k] = length_report(k, path, source_meta(path), cfg)
+            for line in length_messages(reports[k], raw=is_raw(original)):
                 print(line, flush=True)
     return reports
 

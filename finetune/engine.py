@@ -33,7 +33,7 @@ from finetune import distributed as dist
 from finetune import ops
 from finetune.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from finetune.config import Config, ConfigError, to_dict
-from finetune.data import check_sources, report_lengths, resolve_data, serving_settings, source_meta
+from finetune.data import check_sources, report_lengths, resolve_data, serving_settings, source_meta, source_paths
 from finetune.export import SERVING_FILE, save_for_serving
 from finetune.methods import get_method
 from finetune.metrics import MetricsLogger, flops_per_token, matmul_params, memory_stats, mfu, peak_flops_per_gpu
@@ -116,17 +116,19 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         pad_multiple=64 if cuda else 1,
         pad_id=tokenizer.pad_token_id,
     )
-    train_src = resolve_data(cfg.data.train, cfg, tokenizer, "data.train")
-    if require_loss_mask and not train_src.endswith(".json") and not has_loss_mask(train_src):
-        raise ConfigError(
-            f"data.train={cfg.data.train}: no loss mask ({loss_mask_prefix(train_src)}.idx), so the loss would count prompt "
-            "tokens too; convert chat/instruction data (data.format=messages|alpaca|sharegpt) or use full.py for text"
-        )
+    train_src = resolve_data(cfg.data.train, cfg, tokenizer, "data.train")  # a path, or a mixture's list
+    for src in source_paths(train_src):
+        if require_loss_mask and not src.endswith(".json") and not has_loss_mask(src):
+            raise ConfigError(
+                f"data.train={cfg.data.train}: no loss mask ({loss_mask_prefix(src)}.idx), so the loss would count "
+                "prompt tokens too; convert chat/instruction data (data.format=messages|alpaca|sharegpt) or use "
+                "full.py for text"
+            )
     eval_src = resolve_data(cfg.data.eval, cfg, tokenizer, "data.eval") if cfg.data.eval else None
     check_sources([train_src, eval_src], tokenizer, model_config.vocab_size)
     # Serve the model as its data taught it: the chat template the data was rendered with goes into final/'s
-    # tokenizer, and generate() stops on the tokens its assistant turns end with.
-    serving, stop_warning = serving_settings(source_meta(train_src), tokenizer)
+    # tokenizer, and generate() stops on the tokens its assistant turns end with (a mixture: its first source's).
+    serving, stop_warning = serving_settings(source_meta(source_paths(train_src)[0]), tokenizer)
     if serving["chat_template"]:
         tokenizer.chat_template = serving["chat_template"]
     data_reports = {}
@@ -136,9 +138,15 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
             print(f"[dsft] WARNING {stop_warning}", flush=True)
         data_reports = report_lengths(cfg, {"data.train": train_src, "data.eval": eval_src})
     loader = build_dataloader(train_src, shuffle=True, drop_last=True, **common)
+    names = loader.source_names  # a mixture's sources (batches carry source_counts), None for one source
+    drawn = [0] * len(names or [])  # samples drawn per source since step 0, all ranks (restored on resume)
     eval_loader = None
-    if eval_src:
-        eval_loader = build_dataloader(eval_src, shuffle=False, drop_last=False, **common)
+    if eval_src:  # a list data.eval: one exact loader per source (loss per source, then all tokens pooled)
+        eval_loader = (
+            {it["name"]: build_dataloader(it["path"], shuffle=False, drop_last=False, **common) for it in eval_src}
+            if isinstance(eval_src, list)
+            else build_dataloader(eval_src, shuffle=False, drop_last=False, **common)
+        )
     if len(loader) < plan.grad_accum:
         raise TrainingAborted(
             f"data.train gives {len(loader)} micro-batches per rank per epoch, fewer than train.grad_accum="
@@ -209,7 +217,11 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         # resume=auto: find_resume_checkpoint has just verified it (rank 0, once); an explicit path is verified here.
         state = load_checkpoint(engine, resume_from, verify_hashes=cfg.train.resume != "auto")
         step, bad_streak = int(state["step"]), int(state.get("bad_streak", 0))
-        loader.load_state_dict(state["loader"])
+        try:
+            loader.load_state_dict(state["loader"])
+        except ValueError as e:  # e.g. a changed mixture: a config problem, named, not a traceback
+            raise ConfigError(f"train.resume: {resume_from}: {e}") from e
+        drawn = state.get("source_counts") or drawn
         if dist.is_main():
             print(f"[dsft] resumed from {resume_from} at step {step}", flush=True)
             _truncate_metrics(out / "metrics.jsonl", step)
@@ -234,7 +246,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), desc=cfg.method.name, dynamic_ncols=True)
     batches = _batches(loader)
     last = {"step": step}
-    row = _RowTotals(engine.device)  # device-side sums since the last metrics row: read (one sync) per row
+    # device-side sums since the last metrics row: read (one sync) per row
+    row = _RowTotals(engine.device, len(names or []))
     try:
         with watchdog.guard():  # a peer that died mid-collective -> one report naming it, exit 87
             while step < total_steps:
@@ -245,7 +258,7 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                 # DeepSpeed skipped the step when its gradients were not finite: a host flag it computed anyway
                 bad_streak = _count_bad_step(engine.was_step_applied(), engine, bad_streak, cfg, precision, step)
                 if step % cfg.train.log_every == 0 or step == total_steps:
-                    mean_loss, real_tokens, dt, steps = row.read(plan.world_size * plan.grad_accum)
+                    mean_loss, real_tokens, dt, steps, row_drawn = row.read(plan.world_size * plan.grad_accum)
                     grad_norm = engine.get_global_grad_norm()
                     grad_norm = float(grad_norm) if grad_norm is not None else None
                     tokens_per_s = real_tokens / dt
@@ -259,18 +272,23 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                         # every skipped step since the start, not only the row's last one (dsft doctor counts them)
                         skipped_total=int(getattr(engine, "skipped_steps", 0)),
                     )
+                    if names:  # cumulative samples per mixture source over all ranks, and the passes they make
+                        drawn = [a + b for a, b in zip(drawn, row_drawn, strict=True)]
+                        last.update(source_counts=dict(zip(names, drawn, strict=True)))
+                        last.update(source_epochs=dict(zip(names, loader.source.source_epochs(drawn), strict=True)))
                     metrics.log({**last, **memory_stats()})
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 bar.update(1)
                 watchdog.beat(step)
                 if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    metrics.log({"step": step, "split": "eval", **evaluate(engine, eval_loader, cfg)})
+                    metrics.log({"step": step, "split": "eval", **evaluate_sources(engine, eval_loader, cfg)})
                     metrics.plot()
                 if cfg.train.save_every and step % cfg.train.save_every == 0:
                     state = {
                         "step": step,
                         "bad_streak": bad_streak,
                         "loader": loader.state_dict(),
+                        "source_counts": [a + b for a, b in zip(drawn, row.drawn(), strict=True)] if names else None,
                         "config": to_dict(cfg),
                     }
                     metrics.flush()  # the rows up to a checkpoint survive a crash with it
@@ -285,7 +303,7 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                             print(f"[dsft] WARNING checkpoint at step {step} failed, training on: {e}", flush=True)
             summary = {"step": step, "loss": last.get("loss"), "data": data_reports}
             if eval_loader is not None:
-                ev = evaluate(engine, eval_loader, cfg)
+                ev = evaluate_sources(engine, eval_loader, cfg)
                 metrics.log({"step": step, "split": "eval", "final": True, **ev})
                 summary.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
             save_final(engine, cfg, tokenizer, out / "final", serving["stop_token_ids"])
@@ -313,6 +331,7 @@ def _batches(loader):
 def _forward_kwargs(batch: dict, cfg: Config, device) -> tuple[dict, int]:
     batch = dict(batch)
     real = int(batch.pop("num_real_tokens", 0))
+    batch.pop("source_counts", None)  # a mixture's samples per source: counted by the loop, not a model input
     if not get_method(cfg.method.name).keeps_position_ids:
         # PEFT prompt learning shifts positions itself (it prepends virtual tokens); explicit ids would be ignored.
         batch.pop("position_ids", None)
@@ -333,8 +352,16 @@ def _train_step(engine, micro_batches: list[dict], cfg: Config, plan) -> tuple[t
     overlaps the forward instead of blocking the host.
     """
     scale = plan.world_size * plan.grad_accum
+    # a mixture's samples per source ride along in the same all-reduce (counts[2:])
+    per_source = [
+        sum(c) for c in zip(*(b["source_counts"].tolist() for b in micro_batches if "source_counts" in b), strict=True)
+    ]
     counts = torch.tensor(
-        [sum(_target_tokens(b) for b in micro_batches), sum(int(b.get("num_real_tokens", 0)) for b in micro_batches)],
+        [
+            sum(_target_tokens(b) for b in micro_batches),
+            sum(int(b.get("num_real_tokens", 0)) for b in micro_batches),
+            *per_source,
+        ],
         dtype=torch.float64,
     ).to(engine.device, non_blocking=True)
     pending = dist.all_reduce_sum_async(counts)
@@ -363,13 +390,13 @@ class _RowTotals:
     ``train.log_every`` N the other N-1 steps queue work on the GPU without waiting for it.
     """
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, num_sources: int = 0):
+        self.device, self.num_sources = device, num_sources
         self._reset()
 
     def _reset(self) -> None:
         self.loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        self.counts = torch.zeros(2, device=self.device, dtype=torch.float64)
+        self.counts = torch.zeros(2 + self.num_sources, device=self.device, dtype=torch.float64)
         self.steps = 0
         self.t0 = time.perf_counter()
 
@@ -378,12 +405,17 @@ class _RowTotals:
         self.counts += counts
         self.steps += 1
 
-    def read(self, scale: int) -> tuple[float, int, float, int]:
-        """(mean step loss over all ranks, real tokens of all ranks, seconds, steps) since the last read."""
+    def drawn(self) -> list[int]:
+        """Samples per mixture source of all ranks since the last read (a host sync)."""
+        return [int(c) for c in self.counts[2:].tolist()]
+
+    def read(self, scale: int) -> tuple[float, int, float, int, list[int]]:
+        """(mean step loss over all ranks, real tokens of all ranks, seconds, steps, samples per mixture source of
+        all ranks) since the last read."""
         (loss,) = dist.all_reduce_sum([self.loss])  # counts are all-reduced already, every step
-        real, seconds, steps = int(self.counts[1]), time.perf_counter() - self.t0, self.steps
+        real, seconds, steps, drawn = int(self.counts[1]), time.perf_counter() - self.t0, self.steps, self.drawn()
         self._reset()
-        return loss / scale / steps, real, seconds, steps
+        return loss / scale / steps, real, seconds, steps, drawn
 
 
 def _loss_scale(engine) -> float | None:
@@ -461,6 +493,21 @@ def evaluate(engine, loader, cfg: Config) -> dict:
     engine.train()
     loss = loss_sum / max(tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+
+
+def evaluate_sources(engine, loaders, cfg: Config) -> dict:
+    """``evaluate`` of one loader, or of a list ``data.eval``'s loaders (``{name: loader}``): ``loss/NAME``,
+    ``ppl/NAME`` and ``tokens/NAME`` per source, and ``loss``/``ppl``/``tokens`` over all their target tokens pooled
+    (what one exact evaluation of all of them together gives; every sample counted once)."""
+    if not isinstance(loaders, dict):
+        return evaluate(engine, loaders, cfg)
+    out, loss_sum, tokens = {}, 0.0, 0
+    for name, loader in loaders.items():
+        ev = evaluate(engine, loader, cfg)
+        out.update({f"loss/{name}": ev["loss"], f"ppl/{name}": ev["ppl"], f"tokens/{name}": ev["tokens"]})
+        loss_sum, tokens = loss_sum + ev["loss"] * ev["tokens"], tokens + ev["tokens"]
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens), **out}
 
 
 def save_final(engine, cfg: Config, tokenizer, final_dir: Path, stop_ids: list[int] | None = None) -> None:

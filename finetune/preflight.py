@@ -231,9 +231,12 @@ def check_before_launch(cfg) -> None:
     from finetune.config import ConfigError
 
     problems = [output_dir_problem(cfg.output_dir)]
-    problems += [
-        data_path_problem(v, k) for k, v in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)) if v
-    ]
+    for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if isinstance(value, list):  # a mixture: every item, named data.train[i], then their tokenizers agree
+            problems += [data_path_problem(item.path, f"{key}[{i}]") for i, item in enumerate(value)]
+            problems.append(_mixture_tokenizer_problem(key, value))
+        elif value:
+            problems.append(data_path_problem(value, key))
     if cfg.data.cache_dir:
         problems.append(output_dir_problem(cfg.data.cache_dir, "data.cache_dir"))
     for problem in problems:
@@ -261,6 +264,21 @@ def check_before_launch(cfg) -> None:
         )
     _check_positions(cfg, model_config)
     _check_lora_targets(cfg, name)
+
+
+def _mixture_tokenizer_problem(key: str, items: list) -> str | None:
+    """Items of one mixture that are already converted (an mmap prefix with its meta, an index.json) and disagree on
+    the tokenizer; raw items are compared after their conversion (``finetune.data.check_sources``)."""
+    from data_tools.meta import meta_path
+    from finetune.data import is_raw, tokenizer_mismatch
+
+    converted = []
+    for i, item in enumerate(items):
+        p = Path(item.path)
+        src = str(p / "index.json") if p.is_dir() and (p / "index.json").is_file() else item.path
+        if not is_raw(item.path) and (src.endswith(".json") or meta_path(src).is_file()):
+            converted.append((f"{key}[{i}]={item.path}", src))
+    return tokenizer_mismatch(converted)
 
 
 def _virtual_tokens(cfg) -> int:
