@@ -150,7 +150,13 @@ class MetricsLogger:
         split = row.get("split", "train")
         if "source" in row:  # data rows: one per source (data/data.train/truncated, data/data.eval/truncated)
             split = f"{split}/{row['source']}"
+        scalars = {}
         for k, v in row.items():
+            if isinstance(v, dict):  # e.g. a mixture's source_counts {name: n}: train/source_counts/NAME
+                scalars.update({f"{k}/{sub}": x for sub, x in v.items()})
+            else:
+                scalars[k] = v
+        for k, v in scalars.items():
             if k not in ("step", "time", "split") and isinstance(v, int | float) and not isinstance(v, bool):
                 if v is not None and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, row["step"])

@@ -137,3 +137,36 @@ def test_the_engine_does_not_pass_source_counts_to_the_model():
     batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "num_real_tokens": 4, "source_counts": torch.tensor([1])}
     kwargs, real = _forward_kwargs(batch, cfg, torch.device("cpu"))
     assert "source_counts" not in kwargs and real == 4 and "source_counts" in batch  # the caller's batch is kept
+
+
+def test_source_counts_reach_tensorboard_per_source(tmp_path):
+    from finetune.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path)
+    seen = {}
+    logger._tb.add_scalar = lambda tag, value, step: seen.__setitem__(tag, value)
+    logger.log({"step": 3, "split": "train", "loss": 1.5, "source_counts": {"chat": 30, "tools": 10}})
+    logger.close()
+    assert seen == {"train/loss": 1.5, "train/source_counts/chat": 30, "train/source_counts/tools": 10}
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["source_counts"] == {"chat": 30, "tools": 10}
+
+
+def test_a_mixture_of_raw_data_and_a_prefix_resolves_item_by_item_and_blends(tmp_path, tiny_tokenizer):
+    """A raw .jsonl item is converted once (errors name data.train[i]); the result is what build_dataloader takes."""
+    from data_tools.loader import build_dataloader
+    from finetune.data import resolve_data
+
+    chat = tmp_path / "chat.jsonl"
+    turns = [[{"role": "user", "content": f"{i}+1"}, {"role": "assistant", "content": str(i + 1)}] for i in range(12)]
+    chat.write_text("".join(json.dumps({"messages": t}) + "\n" for t in turns))
+    prefix = _prefix(tmp_path / "plain", "h", "t")
+    cfg = load_config(None, [*BASE, f"output_dir={tmp_path / 'out'}", "data.seq_len=64"])
+    items = [DataSource(str(chat), 3.0, None), DataSource(prefix, 1.0, "plain")]
+    resolved = resolve_data(items, cfg, tiny_tokenizer, "data.train")
+    assert [(r["name"], r["weight"]) for r in resolved] == [("chat", 3.0), ("plain", 1.0)]
+    assert resolved[0]["path"].startswith(str(tmp_path / "out" / "data_cache")) and resolved[1]["path"] == prefix
+    loader = build_dataloader(resolved, seq_len=64, micro_batch_size=1, packing="padding", drop_last=False)
+    assert sum(int(b["source_counts"].sum()) for b in loader) == 15  # 12 + 3 units, every position once
+    with pytest.raises(ConfigError, match=r"^data.train\[1\]"):
+        resolve_data([items[0], DataSource(str(tmp_path / "missing.jsonl"))], cfg, tiny_tokenizer, "data.train")
