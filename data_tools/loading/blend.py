@@ -42,7 +42,6 @@ import numpy as np
 
 from data_tools.loading import mmap_source, webdataset_source
 
-
 SHUFFLE_WINDOW = 128  # positions shuffled together (see BlendedSource.window_order)
 
 
