@@ -81,7 +81,16 @@ class DataConfig:
         "overall (all target tokens pooled); null disables evaluation.",
     )
     format: str = _f(
-        "auto", "Format of raw .jsonl/.json input for the converter: auto | text | alpaca | sharegpt | messages."
+        "auto",
+        "Format of raw input (jsonl/json/gz/parquet/arrow/csv, a datasets folder or a hub id) for the converter: "
+        "auto | text | alpaca | sharegpt | messages | prompt_completion.",
+    )
+    split: str | None = _f(
+        None, "Split of a hub dataset given as data.train/data.eval (default train), or of a save_to_disk DatasetDict."
+    )
+    subset: str | None = _f(None, "Subset (config name) of a hub dataset given as data.train/data.eval.")
+    columns: str | None = _f(
+        None, "Rename fields of raw input before format detection: 'prompt=question,completion=answer'."
     )
     seq_len: int = _f(1024, "Tokens per training row (packed rows are filled up to this length).")
     packing: str = _f(

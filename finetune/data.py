@@ -115,9 +115,7 @@ def resolve_data(path, cfg: Config, tokenizer, key: str = "data.train"):
         raise ConfigError(problem)
     if is_raw(path):
         d = cfg.data
-        # data.split / data.subset / data.columns: read with getattr so a config without them still works.
-        split, subset = getattr(d, "split", None), getattr(d, "subset", None)
-        columns = getattr(d, "columns", None) or None
+        split, subset, columns = d.split, d.subset, d.columns or None
         template = hashlib.sha256(Path(d.chat_template).read_bytes()).hexdigest() if d.chat_template else None
         options = dict(
             fmt=d.format,
