@@ -44,18 +44,24 @@ def check_config(cfg, *, world_size: int = 1, device: str = "auto", overfit_step
     import torch
 
     plan = cfg.validate(world_size)
-    report = Report("config", f"{cfg.model.name_or_path} on {cfg.data.train}")
+    from finetune.data import item_path, source_paths
+
+    given = cfg.data.train if isinstance(cfg.data.train, str) else ", ".join(map(item_path, cfg.data.train))
+    report = Report("config", f"{cfg.model.name_or_path} on {given}")
     t0 = time.perf_counter()
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
         tokenizer, model_config = _load_tokenizer_and_config(cfg, report)
-        train_src = _check_data(cfg, tokenizer, model_config, report)
-        stats = _check_loss_tokens(cfg, train_src, tokenizer, report)
-        _check_lengths(cfg, train_src, report)
-        _check_pad_eos(cfg, train_src, tokenizer, model_config, stats, report)
+        train = _check_data(cfg, tokenizer, model_config, report)  # one path, or a mixture's resolved items
+        paths = source_paths(train)
+        # Per source: a mixture's sources each carry their own masks and lengths; the run serves the first's template.
+        stats = [_check_loss_tokens(cfg, src, tokenizer, report) for src in paths][0]
+        for i, src in enumerate(paths):
+            _check_lengths(cfg, src, report, "data.train" if len(paths) == 1 else f"data.train[{i}]")
+        _check_pad_eos(cfg, paths[0], tokenizer, model_config, stats, report)
         counts = _check_trainable(cfg, model_config, report)
         lr_finding = _check_lr(cfg, report)
-        check_on_model(cfg, plan, train_src, tokenizer, model_config, counts, dev, overfit_steps, report)
+        check_on_model(cfg, plan, train, tokenizer, model_config, counts, dev, overfit_steps, report)
         _settle_lr(cfg, lr_finding, report)
     except _Stop:
         pass  # the finding that ended the checks is already in the report; the later ones need its output
@@ -87,7 +93,7 @@ def _check_data(cfg, tokenizer, model_config, report: Report) -> str:
     """data.train (and data.eval) resolved and checked against the tokenizer: ``finetune.data`` does both."""
     from data_tools.meta import MetaError, check_meta_matches_tokenizer
     from finetune.config import ConfigError
-    from finetune.data import check_sources, resolve_data, source_meta
+    from finetune.data import check_sources, resolve_data, source_meta, source_paths
 
     sources = {}
     try:
@@ -98,7 +104,7 @@ def _check_data(cfg, tokenizer, model_config, report: Report) -> str:
         report.add(FAIL, "data", str(e), "fix the data path or the record the message names")
         raise _Stop from e
     try:
-        for src in sources.values():
+        for src in (p for r in sources.values() for p in source_paths(r)):
             if not src.endswith(".json"):  # a WebDataset index carries its tokenizer in index.json: check_sources
                 check_meta_matches_tokenizer(src, tokenizer, missing_ok=True)
     except MetaError as e:
@@ -115,7 +121,12 @@ def _check_data(cfg, tokenizer, model_config, report: Report) -> str:
     except ConfigError as e:  # ids outside the vocabulary, truncated files, a loss mask that does not line up
         report.add(FAIL, "data.tokenizer" if "tokeniz" in str(e) else "data", str(e), "re-run the conversion")
         raise _Stop from e
-    for key, src in sources.items():
+    labelled = [
+        (key if len(source_paths(r)) == 1 else f"{key}[{i}]", p)
+        for key, r in sources.items()
+        for i, p in enumerate(source_paths(r))
+    ]
+    for key, src in labelled:
         meta = source_meta(src)
         if meta is None:
             report.add(
@@ -301,13 +312,14 @@ def _stop_ids(src: str, tokenizer) -> list[int]:
     return ids
 
 
-def _check_lengths(cfg, src: str, report: Report) -> None:
+def _check_lengths(cfg, src: str, report: Report, key: str = "data.train") -> None:
     """Samples longer than data.seq_len, and what the converter cut or dropped (``finetune.data.length_report``)."""
-    from finetune.data import is_raw, length_messages, length_report, source_meta
+    from finetune.data import is_raw, item_path, length_messages, length_report, source_meta
 
-    lr = length_report("data.train", src, source_meta(src), cfg)
-    report.details["lengths"] = lr
-    messages = [m.split(": ", 1)[1] for m in length_messages(lr, raw=is_raw(cfg.data.train))]
+    lr = length_report(key, src, source_meta(src), cfg)
+    report.details.setdefault("lengths", {})[key] = lr
+    given = cfg.data.train if key == "data.train" else cfg.data.train[int(key.split("[")[1].rstrip("]"))]
+    messages = [m.split(": ", 1)[1] for m in length_messages(lr, raw=is_raw(item_path(given)))]
     for m in messages:  # each line already says what to do
         report.add(WARN, "lengths", m)
     if not messages:

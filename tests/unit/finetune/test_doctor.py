@@ -430,3 +430,30 @@ def test_an_aborted_run_is_quoted_from_summary_json(tmp_path, capsys):
     code, report = run_doctor(capsys, str(run))
     finding = next(f for f in report["findings"] if f["check"] == "finished")
     assert code == 1 and finding["level"] == "FAIL" and reason in finding["message"]
+
+
+def test_a_mixture_is_checked_source_by_source(demo, tmp_path, capsys):
+    """A weighted data.train list: every source is checked (tokenizer, loss tokens, lengths) and the overfit test
+    runs on the blended batches the run would see; one empty-mask source fails by name."""
+    import numpy as np
+
+    from data_tools.indexed import IndexedDataset, IndexedDatasetBuilder
+
+    blank = tmp_path / "blank"  # the demo data with every loss-mask bit cleared: no assistant token
+    for suffix in (".bin", ".idx", ".meta.json"):
+        (tmp_path / f"blank{suffix}").write_bytes(Path(f"{demo['train']}{suffix}").read_bytes())
+    mask = IndexedDataset(f"{demo['train']}_loss_mask")
+    builder = IndexedDatasetBuilder(f"{blank}_loss_mask", dtype=np.uint8)
+    for i in range(len(mask)):
+        builder.add_document(np.zeros(len(mask[i]), np.uint8))
+    builder.finalize()
+    mixture = (
+        f"data.train=[{{path: {demo['train']}, weight: 0.7}}, {{path: {demo['train']}, weight: 0.3, name: again}}]"
+    )
+    code, report = run_doctor(capsys, *demo_args(demo, tmp_path), mixture)
+    assert code == 0, [f for f in report["findings"] if f["level"] == "FAIL"]
+    assert {"data.train[0]", "data.train[1]"} <= set(report["lengths"])
+    assert levels(report)["overfit"] == "OK"
+    bad = f"data.train=[{{path: {demo['train']}, weight: 0.7}}, {{path: {blank}, weight: 0.3}}]"
+    code, report = run_doctor(capsys, *demo_args(demo, tmp_path), bad)
+    assert code == 1 and str(blank) in finding(report, "loss_tokens")["message"]
