@@ -44,6 +44,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -51,7 +52,6 @@ import numpy as np
 import torch
 
 from finetune import distributed as dist
-from finetune.watchdog import is_peer_loss
 
 if TYPE_CHECKING:
     from finetune.watchdog import StepWatchdog
@@ -255,7 +255,7 @@ def _restore_rng(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # manifest
 # --------------------------------------------------------------------------------------------------------------------
-def _write_manifest(step_dir: Path, step: int, world_size: int) -> dict[str, Any]:
+def _write_manifest(step_dir: Path, step: int, world_size: int | None, **extra: Any) -> dict[str, Any]:
     files = _list_files(step_dir)
     with ThreadPoolExecutor(_hash_threads()) as pool:
         results = list(pool.map(_hash_and_sync, files))
@@ -263,6 +263,7 @@ def _write_manifest(step_dir: Path, step: int, world_size: int) -> dict[str, Any
         "format": MANIFEST_FORMAT,
         "step": step,
         "world_size": world_size,
+        **extra,
         "dsft_version": _dsft_version(),
         "torch_version": torch.__version__,
         "created_unix": time.time(),
@@ -359,6 +360,8 @@ def save_checkpoint(
     rank, world = dist.rank(), dist.world_size()
     final = root / step_dir_name(step)
     tag = final.name + _PARTIAL_SUFFIX
+    zero_stage = int(engine.zero_optimization_stage())
+    client_state = {**client_state, **_universal_info(engine)}
     partial = root / tag
 
     error: str | None = None
@@ -376,7 +379,7 @@ def save_checkpoint(
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as e:
-        if is_peer_loss(e):
+        if dist.is_peer_loss(e):
             raise  # a peer is gone (gloo raises a plain RuntimeError): not a write failure; the watchdog reports it
         # torch.save reports ENOSPC/EFBIG as RuntimeError ("PytorchStreamWriter failed writing file ...").
         error = _detach(e, f"rank {rank}: DeepSpeed could not write {partial}")
@@ -399,7 +402,7 @@ def save_checkpoint(
 
     def finalize() -> str | None:  # rank 0: the error text, or None when the checkpoint is complete
         try:
-            _write_manifest(partial, step, world)
+            _write_manifest(partial, step, world, zero_stage=zero_stage)
             if final.exists():
                 # Only when a step is saved again (e.g. after resuming from an older checkpoint because this one was
                 # corrupt): move the old one out of the step_* namespace first; rename cannot replace a directory.
@@ -493,6 +496,8 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
             _remove_dir(p)
         elif ".deleting-" in p.name:
             shutil.rmtree(p)  # a deletion that was killed half-way; already outside the step_* namespace
+        elif p.name.endswith(UNIVERSAL_SUFFIX) and not (root / p.name.removesuffix(UNIVERSAL_SUFFIX)).is_dir():
+            _remove_dir(p)  # the universal copy of a checkpoint just pruned (or moved aside)
 
 
 def find_latest_checkpoint(ckpt_root: str | os.PathLike, verify_hashes: bool = True) -> Path | None:
@@ -541,14 +546,19 @@ def find_resume_checkpoint(ckpt_root: str | os.PathLike, verify_hashes: bool = T
     )
 
 
-def load_checkpoint(engine: Any, ckpt_dir: str | os.PathLike, verify_hashes: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    engine: Any, ckpt_dir: str | os.PathLike, verify_hashes: bool = True, universal_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Collective: verify ``ckpt_dir``, load it into ``engine``, restore this rank's RNG; return the client state.
 
     Args:
-        engine: The ``deepspeed.DeepSpeedEngine`` (built with the same ZeRO stage and world size as at save).
+        engine: The ``deepspeed.DeepSpeedEngine``: built with the same ZeRO stage and world size as at save, or
+            with ``checkpoint.load_universal`` when ``universal_dir`` is given (see :func:`resolve_resume`).
         ckpt_dir: A complete checkpoint directory, e.g. from :func:`find_resume_checkpoint`.
         verify_hashes: Recompute sha256 before loading; False when the caller just verified it
             (:func:`find_resume_checkpoint`). Rank 0 alone verifies (sizes always) and tells the others.
+        universal_dir: ``ckpt_dir``'s universal copy (:func:`convert_to_universal`): DeepSpeed loads the model and
+            optimizer from it; the RNG states still come from ``ckpt_dir``.
 
     Returns:
         The ``client_state`` dict given to :func:`save_checkpoint` (DeepSpeed's own keys removed).
@@ -571,7 +581,7 @@ def load_checkpoint(engine: Any, ckpt_dir: str | os.PathLike, verify_hashes: boo
         raise CheckpointError(
             f"cannot resume from {ckpt_dir}: {error}; delete it to fall back to the previous checkpoint"
         )
-    if saved_world not in (None, world):
+    if saved_world not in (None, world) and universal_dir is None:
         logger.warning(
             "%s was saved with world size %s, loading with %d: DeepSpeed must re-partition (ZeRO needs the same "
             "world size unless the checkpoint is converted to a universal checkpoint)",
@@ -580,9 +590,10 @@ def load_checkpoint(engine: Any, ckpt_dir: str | os.PathLike, verify_hashes: boo
             world,
         )
 
-    load_path, client_state = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    ds_dir = Path(universal_dir) if universal_dir is not None else ckpt_dir
+    load_path, client_state = engine.load_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir} (see its log above)")
+        raise CheckpointError(f"DeepSpeed could not load {ds_dir} (see its log above)")
 
     rng_path = _rng_file(ckpt_dir, rank)
     if rng_path.is_file():
@@ -590,4 +601,268 @@ def load_checkpoint(engine: Any, ckpt_dir: str | os.PathLike, verify_hashes: boo
     else:
         logger.warning("%s: no RNG state for rank %d; random streams will differ from the original run", ckpt_dir, rank)
     dist.barrier()
-    return dict(client_state or {})
+    client_state = dict(client_state or {})
+    client_state.pop(_UC_INFO_KEY, None)  # DeepSpeed's, added by save_checkpoint
+    return client_state
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# another world size or ZeRO stage: DeepSpeed universal checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+#: DeepSpeed's client-state key that ``ds_to_universal`` requires (deepspeed.checkpoint.constants); it only checks
+#: that the key is there (plus AutoTP patterns, which a data-parallel model has none of).
+_UC_INFO_KEY = "universal_checkpoint_info"
+#: Suffix of a checkpoint's universal copy, next to it: ``step_00000100.universal``. Outside the ``step_*`` pattern,
+#: so it is never taken for a resume candidate itself; the original stays the truth.
+UNIVERSAL_SUFFIX = ".universal"
+#: The manifest field naming the checkpoint a universal copy was made from, and that checkpoint's manifest hash: a
+#: copy whose source was saved again (same step, new content) is stale and converted again.
+_SOURCE_KEY = "universal_of"
+
+
+def _universal_info(engine: Any) -> dict[str, Any]:
+    """The client-state entry that makes a checkpoint convertible by ``ds_to_universal`` without
+    ``--inject_missing_state``; empty when the model brings its own (AutoTP sets it on the module, and DeepSpeed
+    writes it before the client state, which would replace it)."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+    if getattr(getattr(engine, "module", None), _UC_INFO_KEY, None) is not None:
+        return {}
+    return {_UC_INFO_KEY: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+def universal_dir(step_dir: str | os.PathLike) -> Path:
+    """Where the universal copy of ``step_dir`` lives: ``step_XXXXXXXX.universal`` next to it."""
+    step_dir = Path(step_dir)
+    return step_dir.with_name(step_dir.name + UNIVERSAL_SUFFIX)
+
+
+def _partitioned(files: dict[str, Any] | list[str]) -> bool:
+    """True when a checkpoint's optimizer state is split over its ranks (``*optim_states.pt`` shards: ZeRO 1-3, and
+    ZeRO-0 with bf16, whose BF16_Optimizer partitions the fp32 master weights); False when every rank saved (and
+    reads) the whole state in ``mp_rank_00_model_states.pt`` (ZeRO-0 in fp32/fp16), which any world size loads."""
+    return any(str(name).endswith("optim_states.pt") for name in files)
+
+
+@dataclass(frozen=True)
+class ResumeSource:
+    """What to resume from and how (:func:`resolve_resume`).
+
+    Attributes:
+        checkpoint: The verified checkpoint (RNG states, manifest).
+        load_dir: The directory DeepSpeed loads: ``checkpoint`` itself or its universal copy.
+        universal: True when ``load_dir`` is a universal copy: the DeepSpeed config needs ``checkpoint.load_universal``.
+        saved_world_size: The world size the checkpoint was written with (None: not recorded).
+        saved_zero_stage: Its ZeRO stage (None: written before dsft recorded it).
+    """
+
+    checkpoint: Path
+    load_dir: Path
+    universal: bool
+    saved_world_size: int | None
+    saved_zero_stage: int | None
+
+
+def needs_universal(
+    saved: dict[str, Any], world_size: int, zero_stage: int, partitions_optimizer: bool, nvme_optimizer: bool = False
+) -> bool:
+    """Whether a checkpoint with manifest ``saved`` must go through a universal copy to load into this run.
+
+    Args:
+        saved: The checkpoint's manifest (``world_size``, ``zero_stage``, ``files``).
+        world_size: This run's data-parallel world size.
+        zero_stage: This run's ``zero.stage``.
+        partitions_optimizer: True when this run's optimizer state is split over ranks (ZeRO 1-3, or ZeRO-0 with bf16).
+        nvme_optimizer: This run offloads the optimizer to NVMe.
+
+    Returns:
+        False when DeepSpeed loads the checkpoint as it is (same world size and stage, or ZeRO-0 fp32/fp16 on both
+        sides, where every rank holds the whole state), True when it needs a universal copy.
+
+    Raises:
+        CheckpointError: the change cannot be loaded; the message names the keys to set.
+    """
+    saved_world, saved_stage = saved.get("world_size"), saved.get("zero_stage")
+    same_world = saved_world in (None, world_size)
+    same_stage = saved_stage in (None, zero_stage)
+    if same_world and same_stage:
+        return False
+    saved_partitioned = _partitioned(saved.get("files", {}))
+    was = f"world size {saved_world}, zero.stage={saved_stage if saved_stage is not None else '?'}"
+    if not saved_partitioned and not partitions_optimizer:
+        return False  # the whole optimizer state is in mp_rank_00_model_states.pt; nothing to re-partition
+    if saved_partitioned != partitions_optimizer:
+        raise CheckpointError(
+            f"zero.stage={zero_stage}: the checkpoint was written with {was} and "
+            f"{'a partitioned' if saved_partitioned else 'an unpartitioned (ZeRO-0 fp32/fp16)'} optimizer state; this "
+            f"run's is {'partitioned' if partitions_optimizer else 'unpartitioned'}. DeepSpeed converts only between "
+            "partitioned states (ds_to_universal reads *optim_states.pt shards). Resume with "
+            f"zero.stage={saved_stage if saved_stage is not None else 'as before'} and the same precision, or start a "
+            "new run from the exported weights (dsft export)."
+        )
+    if nvme_optimizer or any(str(f).startswith("offloaded_tensors") for f in saved.get("files", {})):
+        raise CheckpointError(
+            f"zero.offload_optimizer=nvme: the checkpoint was written with {was}, this run has world size "
+            f"{world_size} and zero.stage={zero_stage}; DeepSpeed cannot load a universal checkpoint with the "
+            "optimizer on NVMe. Resume with the checkpoint's world size and zero.stage, or with "
+            "zero.offload_optimizer=none|cpu."
+        )
+    return True
+
+
+def _source_hash(step_dir: Path) -> str:
+    return _sha256(step_dir / MANIFEST_NAME)
+
+
+def _universal_is_current(step_dir: Path, udir: Path) -> bool:
+    """True when ``udir`` is a complete universal copy of the checkpoint now in ``step_dir``."""
+    try:
+        manifest = verify_checkpoint(udir, verify_hashes=False)
+        return manifest.get(_SOURCE_KEY, {}).get("manifest_sha256") == _source_hash(step_dir)
+    except (CheckpointError, OSError, AttributeError):
+        return False
+
+
+def convert_to_universal(step_dir: str | os.PathLike, workers: int = 1) -> Path:
+    """Write the universal copy of the checkpoint ``step_dir`` (not collective: one process, e.g. rank 0).
+
+    ``deepspeed.checkpoint.ds_to_universal`` writes into ``step_XXXXXXXX.universal.partial``; then, like every
+    checkpoint, a manifest (files, sizes, sha256, the source's manifest hash) goes in last and the directory is
+    renamed to ``step_XXXXXXXX.universal``. A kill at any point leaves the original untouched and at most a
+    ``*.partial`` directory, which the next conversion (or save's pruning) removes. A current copy is reused.
+
+    Args:
+        step_dir: A complete checkpoint (its manifest is checked, sizes only).
+        workers: Processes ``ds_to_universal`` extracts and merges with; 1 runs in this process (the only safe
+            choice inside training, whose threads make forking unsafe).
+
+    Returns:
+        The universal directory.
+
+    Raises:
+        CheckpointError: ``step_dir`` is incomplete or DeepSpeed could not convert it (its message is included).
+    """
+    step_dir = Path(step_dir)
+    out = universal_dir(step_dir)
+    if _universal_is_current(step_dir, out):
+        logger.info("%s: reusing its universal copy %s", step_dir, out.name)
+        return out
+    source = verify_checkpoint(step_dir, verify_hashes=False)
+    if not _partitioned(source["files"]):
+        raise CheckpointError(
+            f"{step_dir}: no *optim_states.pt shards (ZeRO-0 in fp32/fp16): its optimizer state is whole in "
+            "mp_rank_00_model_states.pt and loads on any world size as it is; there is nothing to convert"
+        )
+    partial = out.with_name(out.name + _PARTIAL_SUFFIX)
+    t0 = time.perf_counter()
+    try:
+        if partial.exists():  # left by a conversion that was killed
+            _remove_dir(partial)
+        _run_ds_to_universal(step_dir, partial, workers)
+        _write_manifest(
+            partial,
+            int(source["step"]),
+            None,  # a universal copy loads on any world size
+            zero_stage=source.get("zero_stage"),
+            **{_SOURCE_KEY: {"name": step_dir.name, "manifest_sha256": _source_hash(step_dir)}},
+        )
+        if out.exists():  # stale: its source was saved again
+            _remove_dir(out)
+        os.rename(partial, out)
+        _fsync_dir(out.parent)
+        # ds_to_universal points `latest_universal` at the directory it wrote (the partial one): name the final one
+        _write_atomic(out.parent / "latest_universal", out.name.encode())
+    except OSError as e:
+        raise CheckpointError(
+            f"{step_dir}: writing its universal copy {partial} failed: {_detach(e, str(partial))}"
+        ) from None
+    logger.info("converted %s to a universal checkpoint in %.1fs", step_dir, time.perf_counter() - t0)
+    return out
+
+
+def _run_ds_to_universal(step_dir: Path, out: Path, workers: int) -> None:
+    import io
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = SimpleNamespace(
+        input_folder=str(step_dir),
+        output_folder=str(out),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # checkpoints written before save_checkpoint added universal_checkpoint_info
+    )
+    chatter = io.StringIO()  # its step-by-step prints: kept for the log, not the console
+    try:
+        with contextlib.redirect_stdout(chatter):
+            ds_to_universal.main(args)
+    except (AssertionError, ValueError, KeyError, RuntimeError, NotImplementedError, IndexError) as e:
+        logger.error("ds_to_universal output:\n%s", chatter.getvalue())
+        raise CheckpointError(
+            f"{step_dir}: DeepSpeed's ds_to_universal could not convert it ({type(e).__name__}: {e}); resume with the "
+            "world size and zero.stage it was written with"
+        ) from e
+    logger.debug("ds_to_universal output:\n%s", chatter.getvalue())
+
+
+def resolve_resume(
+    ckpt_dir: str | os.PathLike,
+    zero_stage: int,
+    partitions_optimizer: bool,
+    nvme_optimizer: bool = False,
+    watchdog: StepWatchdog | None = None,
+) -> ResumeSource:
+    """Collective: how this run loads ``ckpt_dir``: as it is, or through its universal copy (converted once, here).
+
+    Rank 0 reads the manifest, decides with :func:`needs_universal` and, when the world size or ZeRO stage changed,
+    runs :func:`convert_to_universal` (a current copy is reused); the other ranks wait for its answer with a timeout
+    sized for reading the checkpoint. Build the DeepSpeed config with ``load_universal=result.universal`` and pass
+    ``result.load_dir`` to :func:`load_checkpoint` as ``universal_dir`` when ``universal``.
+
+    Args:
+        ckpt_dir: A complete checkpoint (e.g. from :func:`find_resume_checkpoint`).
+        zero_stage: This run's ``zero.stage``.
+        partitions_optimizer: This run splits the optimizer state over ranks (ZeRO 1-3, or ZeRO-0 with bf16).
+        nvme_optimizer: This run offloads the optimizer to NVMe.
+        watchdog: The run's step watchdog, if already running.
+
+    Raises:
+        CheckpointError: on every rank, when the change cannot be loaded or the conversion failed (the message
+            names the keys to set); the original checkpoint is left as it was.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    world = dist.world_size()
+
+    def decide() -> tuple[str | None, ResumeSource | None]:  # rank 0
+        try:
+            saved = json.loads((ckpt_dir / MANIFEST_NAME).read_text())
+            saved_world, saved_stage = saved.get("world_size"), saved.get("zero_stage")
+            universal = needs_universal(saved, world, zero_stage, partitions_optimizer, nvme_optimizer)
+            load_dir = ckpt_dir
+            if universal:
+                logger.warning(
+                    "%s was written with world size %s and zero.stage=%s; this run has %d and %d: loading it through "
+                    "a DeepSpeed universal checkpoint",
+                    ckpt_dir,
+                    saved_world,
+                    saved_stage,
+                    world,
+                    zero_stage,
+                )
+                load_dir = convert_to_universal(ckpt_dir)
+            return None, ResumeSource(ckpt_dir, load_dir, universal, saved_world, saved_stage)
+        except (CheckpointError, OSError, ValueError) as e:
+            return str(e), None
+
+    error, source = _on_rank0(
+        f"rank 0 preparing {ckpt_dir.name} for world size {world}",
+        lambda: 2 * _manifest_bytes(ckpt_dir),  # read once, written once
+        decide,
+        watchdog,
+    )
+    if error is not None:
+        raise CheckpointError(f"cannot resume from {ckpt_dir}: {error}")
+    return source

@@ -208,3 +208,27 @@ def broadcast_from_main(obj, timeout_s: float | None = None):
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
+
+
+# What torch.distributed raises in a survivor when a peer process dies: gloo closes the TCP pair at once; NCCL
+# reports through its own watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING=2) after an error or the process-group timeout.
+_PEER_LOSS_PATTERNS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "remote worker crashing",
+    "nccl communicator was aborted",
+    "watchdog caught collective operation timeout",
+    "socket timeout",
+    "timed out waiting",  # gloo: "Timed out waiting 1800000ms for recv operation to complete"
+)
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """True when ``exc`` is a collective failure caused by a lost peer (not a bug in this rank's code)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(p in text for p in _PEER_LOSS_PATTERNS)

@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 
 from finetune import distributed as dist
+from finetune.distributed import is_peer_loss  # re-exported: callers and tests import it from here
 
 #: Exit code of a process ended by the watchdog (distinct from Python's 1 and a signal's 128+N).
 EXIT_STEP_TIMEOUT = 86
@@ -152,32 +153,6 @@ def heartbeat_interval(timeout_s: float) -> float:
     4 heartbeats to tell lost ranks from live ones, 20 s at most.
     """
     return min(5.0, max(1.0, timeout_s / 100))
-
-
-# What torch.distributed raises in a survivor when a peer process dies: gloo closes the TCP pair at once; NCCL
-# reports through its own watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING=2) after an error or the process-group timeout.
-_PEER_LOSS_PATTERNS = (
-    "connection closed by peer",
-    "connection reset by peer",
-    "broken pipe",
-    "remote worker crashing",
-    "nccl communicator was aborted",
-    "watchdog caught collective operation timeout",
-    "socket timeout",
-    "timed out waiting",  # gloo: "Timed out waiting 1800000ms for recv operation to complete"
-)
-
-
-def is_peer_loss(exc: BaseException) -> bool:
-    """True when ``exc`` is a collective failure caused by a lost peer (not a bug in this rank's code)."""
-    import torch.distributed as tdist
-
-    if isinstance(exc, tdist.DistError):
-        return True
-    if not isinstance(exc, RuntimeError):
-        return False
-    text = str(exc).lower()
-    return any(p in text for p in _PEER_LOSS_PATTERNS)
 
 
 def _first_line(exc: BaseException) -> str:
