@@ -289,6 +289,7 @@ def make_ds_config(
     optimizer: dict | None = None,
     user_config: dict | str | Path | None = None,
     hidden_size: int | None = None,
+    load_universal: bool = False,
 ) -> dict:
     """The DeepSpeed config dict for ``deepspeed.initialize(config=...)``.
 
@@ -304,6 +305,9 @@ def make_ds_config(
         optimizer: a DeepSpeed ``optimizer`` section (e.g. ``{"type": "AdamW", "params": {...}}``), passed through.
         user_config: a user's JSON (path or dict); ``"auto"`` values are filled from the arguments, other keys kept.
         hidden_size: model hidden size; sizes communication buckets (optional).
+        load_universal: the run resumes from a DeepSpeed universal checkpoint (another world size or ZeRO stage
+            than at save; ``finetune.checkpoint.resolve_resume``): sets ``checkpoint.load_universal``, which
+            DeepSpeed reads when the engine is built, so it cannot be switched on later.
 
     Returns:
         The validated DeepSpeed config dict (JSON-serialisable, no ``"auto"`` left).
@@ -348,6 +352,8 @@ def make_ds_config(
         user, label = load_user_config(user_config)
         generated = _merge_user_config(generated, user, label, optimizer_given=optimizer is not None)
     validate_ds_config(generated, source=label, world_size=batch.world_size)
+    if load_universal:
+        generated.setdefault("checkpoint", {})["load_universal"] = True
     return generated
 
 

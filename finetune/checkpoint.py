@@ -866,3 +866,23 @@ def resolve_resume(
     if error is not None:
         raise CheckpointError(f"cannot resume from {ckpt_dir}: {error}")
     return source
+
+
+def check_resume_settings(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse a resume whose settings would change the data order the checkpoint's position refers to.
+
+    Args:
+        saved: The ``data_order`` entry of the checkpoint's client state (None: written before dsft saved it).
+        current: The same keys for this run, e.g. ``{"data.seq_len": 2048, "data.packing": "greedy",
+            "train.global_batch": 64, "train.seed": 0}``.
+
+    Raises:
+        CheckpointError: naming the first key that differs, its two values and the choices.
+    """
+    for key, value in (saved or {}).items():
+        if key in current and current[key] != value:
+            raise CheckpointError(
+                f"{key}={current[key]}: the checkpoint was trained with {key}={value}, and the position it resumes "
+                f"from counts batches of that data order. Resume with {key}={value}, or start a new run from its "
+                "weights (train.resume=never with another output_dir, model.name_or_path=the exported model)."
+            )

@@ -31,7 +31,14 @@ import torch
 from data_tools.indexed import has_loss_mask, loss_mask_prefix
 from finetune import distributed as dist
 from finetune import ops
-from finetune.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from finetune.checkpoint import (
+    CheckpointError,
+    check_resume_settings,
+    find_resume_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from finetune.config import Config, ConfigError, to_dict
 from finetune.data import check_sources, report_lengths, resolve_data, serving_settings, source_meta, source_paths
 from finetune.export import SERVING_FILE, save_for_serving
@@ -165,6 +172,21 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         # torch.optim.AdamW instead of DeepSpeed's FusedAdam, which JIT-compiles a CUDA extension (needs nvcc) and
         # does not exist on CPU; with offload DeepSpeed requires (and compiles) its fast DeepSpeedCPUAdam.
         optimizer["params"]["torch_adam"] = True
+    ckpt_root = out / "checkpoints"
+    resume_from = _resume_path(cfg, ckpt_root)
+    resume = None
+    if resume_from is not None:
+        # Before the DeepSpeed config: another world size or ZeRO stage than at save means a universal checkpoint,
+        # and DeepSpeed reads checkpoint.load_universal when the engine is built.
+        try:
+            resume = resolve_resume(
+                resume_from,
+                cfg.zero.stage,
+                partitions_optimizer=cfg.zero.stage > 0 or precision == "bf16",  # bf16 ZeRO-0: BF16_Optimizer shards
+                nvme_optimizer=cfg.zero.offload_optimizer == "nvme",
+            )
+        except CheckpointError as e:
+            raise ConfigError(f"train.resume: {e}") from e
     ds_config = make_ds_config(
         zero_stage=cfg.zero.stage,
         batch=plan,
@@ -176,6 +198,7 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         optimizer=optimizer,
         user_config=cfg.deepspeed,
         hidden_size=hidden,
+        load_universal=resume is not None and resume.universal,
     )
     if ds_config.get("bf16", {}).get("enabled"):
         ds_config["bf16"]["check_grad_overflow"] = True  # ZeRO-1/2 then skip a step whose grad norm is inf/NaN
@@ -211,11 +234,24 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
     skip_non_finite_steps(engine)
 
     step, bad_streak = 0, 0
-    ckpt_root = out / "checkpoints"
-    resume_from = _resume_path(cfg, ckpt_root)
-    if resume_from is not None:
+    data_order = {
+        "data.seq_len": cfg.data.seq_len,
+        "data.packing": cfg.packing,
+        "train.global_batch": plan.global_batch,
+        "train.seed": cfg.train.seed,
+    }
+    if resume is not None:
         # resume=auto: find_resume_checkpoint has just verified it (rank 0, once); an explicit path is verified here.
-        state = load_checkpoint(engine, resume_from, verify_hashes=cfg.train.resume != "auto")
+        state = load_checkpoint(
+            engine,
+            resume_from,
+            verify_hashes=cfg.train.resume != "auto",
+            universal_dir=resume.load_dir if resume.universal else None,
+        )
+        try:
+            check_resume_settings(state.get("data_order"), data_order)
+        except CheckpointError as e:
+            raise ConfigError(f"train.resume: {resume_from}: {e}") from e
         step, bad_streak = int(state["step"]), int(state.get("bad_streak", 0))
         try:
             loader.load_state_dict(state["loader"])
@@ -289,7 +325,7 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                         "bad_streak": bad_streak,
                         "loader": loader.state_dict(),
                         "source_counts": [a + b for a, b in zip(drawn, row.drawn(), strict=True)] if names else None,
-                        "config": to_dict(cfg),
+                        "data_order": data_order,  # what a resume must keep (check_resume_settings)
                     }
                     metrics.flush()  # the rows up to a checkpoint survive a crash with it
                     try:

@@ -4,6 +4,8 @@
     dsft export merge --adapter runs/lora/final --out runs/lora/merged
     # a DeepSpeed ZeRO checkpoint (any stage, any world size) -> fp32 weights (full model or PEFT adapter)
     dsft export zero --checkpoint runs/full/checkpoints --out runs/full/step_weights
+    # a checkpoint -> its DeepSpeed universal copy (step_XXXXXXXX.universal, loadable on any world size / ZeRO stage)
+    dsft export universal --checkpoint runs/full/checkpoints --workers 4
 
 ``zero`` consolidates the per-rank fp32 optimizer partitions with DeepSpeed's ``zero_to_fp32`` (the master weights,
 more precise than the 16-bit ``final/``), then writes them like ``final/``: a ``save_pretrained`` model for full
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from finetune.checkpoint import CheckpointError
 
 SERVING_FILE = "serving.json"  # output_dir/serving.json: the chat template and stop token ids of the run's data
 
@@ -154,6 +158,20 @@ def consolidate_zero(checkpoint: str | Path, out_dir: str | Path, run_config: st
     return out_dir
 
 
+def convert_universal(checkpoint: str | Path, workers: int = 1) -> Path:
+    """``dsft export universal``: the universal copy of ``checkpoint`` (a ``step_*`` dir, or the newest verified one
+    under a checkpoints root), written atomically next to it (:func:`finetune.checkpoint.convert_to_universal`)."""
+    from finetune.checkpoint import MANIFEST_NAME, convert_to_universal, find_latest_checkpoint
+
+    checkpoint = Path(checkpoint)
+    step_dir = checkpoint if (checkpoint / MANIFEST_NAME).exists() else find_latest_checkpoint(checkpoint)
+    if step_dir is None:
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint (step_*/manifest.json) there")
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: expected >= 1")
+    return convert_to_universal(step_dir, workers=workers)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``dsft-export merge|zero ...``."""
     parser = argparse.ArgumentParser(
@@ -172,13 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--checkpoint", required=True, help="step_XXXXXXXX directory or the checkpoints root")
     z.add_argument("--out", required=True, help="output directory")
     z.add_argument("--config", default=None, help="the run's config.json (default: next to checkpoints/)")
+    u = sub.add_parser(
+        "universal",
+        help="convert a checkpoint to a DeepSpeed universal checkpoint next to it (a resume on another world size "
+        "or ZeRO stage does this by itself, once)",
+    )
+    u.add_argument("--checkpoint", required=True, help="step_XXXXXXXX directory or the checkpoints root (newest)")
+    u.add_argument("--workers", type=int, default=1, help="processes for ds_to_universal's extract and merge passes")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "merge":
             out = merge_adapter(args.adapter, args.out, args.base, args.dtype)
+        elif args.cmd == "universal":
+            out = convert_universal(args.checkpoint, args.workers)
         else:
             out = consolidate_zero(args.checkpoint, args.out, args.config)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"dsft-export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

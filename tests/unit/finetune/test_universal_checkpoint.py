@@ -223,3 +223,23 @@ def test_a_kill_during_conversion_leaves_the_original_resumable(dist_env, tiny_l
     fresh = make_engine(tiny_llama_dir, 2, universal=True, seed=5)
     ck.load_checkpoint(fresh, step_dir, universal_dir=udir)
     assert_same_state(full_state(fresh), saved)
+
+
+def test_export_universal_converts_on_demand_and_refuses_a_missing_checkpoint(dist_env, tiny_llama_dir, tmp_path):
+    from finetune.export import main
+
+    engine = make_engine(tiny_llama_dir, 1)
+    train(engine, 1, seed=1)
+    ck.save_checkpoint(engine, tmp_path, 1, {})
+    assert main(["universal", "--checkpoint", str(tmp_path)]) == 0
+    assert ck.verify_checkpoint(tmp_path / "step_00000001.universal")["universal_of"]["name"] == "step_00000001"
+    assert main(["universal", "--checkpoint", str(tmp_path / "nothing")]) == 2
+
+
+def test_make_ds_config_sets_load_universal_only_when_asked():
+    from ds_configs import make_ds_config, resolve_batch
+
+    plan = resolve_batch(micro_batch_size=2, grad_accum=1, world_size=1)
+    assert "checkpoint" not in make_ds_config(zero_stage=2, batch=plan, precision="fp32")
+    cfg = make_ds_config(zero_stage=2, batch=plan, precision="fp32", load_universal=True)
+    assert cfg["checkpoint"]["load_universal"] is True
