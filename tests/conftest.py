@@ -58,6 +58,27 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir):
     return build_model(tmp_path_factory.mktemp("tiny_gpt2"), tiny_tokenizer_dir, arch="gpt2")
 
 
+@pytest.fixture(scope="module")
+def dist_env():
+    """torch.distributed with world size 1 over gloo, as deepspeed.initialize expects (for in-process engines)."""
+    import deepspeed
+    import torch
+
+    from launch.process import free_port
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    old = {k: os.environ.get(k) for k in [*env, "MASTER_PORT"]}
+    os.environ.update(env, MASTER_PORT=str(free_port()))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _destroy_process_group_at_exit():
     """Some fixtures build in-process DeepSpeed engines (a gloo world of one); tear the group down before pytest

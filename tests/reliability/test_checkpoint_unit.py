@@ -33,27 +33,8 @@ from finetune.checkpoint import (
     verify_checkpoint,
 )
 from finetune.watchdog import EXIT_STEP_TIMEOUT, StepWatchdog
-from launch.process import free_port as _free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def dist_env():
-    """torch.distributed with world size 1 over gloo, as deepspeed.initialize expects."""
-    import deepspeed
-
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    old = {k: os.environ.get(k) for k in [*env, "MASTER_PORT"]}
-    os.environ.update(env, MASTER_PORT=str(_free_port()))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _make_engine(model_dir: Path, seed: int = 0):

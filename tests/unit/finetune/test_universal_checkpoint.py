@@ -18,26 +18,8 @@ import pytest
 import torch
 
 from finetune import checkpoint as ck
-from launch.process import free_port
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def dist_env():
-    import deepspeed
-
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    old = {k: os.environ.get(k) for k in [*env, "MASTER_PORT"]}
-    os.environ.update(env, MASTER_PORT=str(free_port()))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def make_engine(model_dir: Path, stage: int, lora: bool = False, universal: bool = False, seed: int = 0):
