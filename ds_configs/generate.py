@@ -96,6 +96,18 @@ class Request:
     def world(self) -> int:
         return self.gpus_per_node * self.nodes
 
+    @classmethod
+    def for_hardware(cls, args: argparse.Namespace, **rest) -> Request:
+        """A request for the hardware flags both ``dsft-ds-config`` and ``dsft plan`` take (GPUs per node, nodes,
+        GPU and CPU memory in GiB); ``rest`` gives the model, method and batch fields."""
+        return cls(
+            gpus_per_node=args.gpus_per_node,
+            nodes=args.nodes,
+            gpu_mem=int(args.gpu_mem_gib * GiB),
+            cpu_mem=int(args.cpu_mem_gib * GiB) if args.cpu_mem_gib else None,
+            **rest,
+        )
+
 
 def _micro_options(req: Request) -> list[int]:
     if req.micro_batch is not None:
@@ -496,13 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    req = Request(
+    req = Request.for_hardware(
+        args,
         shape=shape,
         method=method,
-        gpus_per_node=args.gpus_per_node,
-        nodes=args.nodes,
-        gpu_mem=int(args.gpu_mem_gib * GiB),
-        cpu_mem=int(args.cpu_mem_gib * GiB) if args.cpu_mem_gib else None,
         nvme_path=args.nvme_path,
         seq_len=args.seq_len,
         micro_batch=args.micro_batch,

@@ -167,13 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"model.name_or_path={cfg.model.name_or_path}: cannot read its config.json ({e}); give a local model "
                 "directory or a reachable hub id (--model)"
             ) from e
-        req = Request(
+        req = Request.for_hardware(
+            args,
             shape=shape,
             method=method,
-            gpus_per_node=args.gpus_per_node,
-            nodes=args.nodes,
-            gpu_mem=int(args.gpu_mem_gib * GiB),
-            cpu_mem=int(args.cpu_mem_gib * GiB) if args.cpu_mem_gib else None,
             nvme_path=nvme_path,
             seq_len=cfg.data.seq_len,
             micro_batch=None,

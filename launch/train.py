@@ -74,12 +74,13 @@ def world_size_of(cmd: Sequence[str]) -> int:
     num_gpus = int(flag("--num_gpus")) if flag("--num_gpus") else None
     hostfile = flag("--hostfile")
     if hostfile:
-        slots = []
-        for line in Path(hostfile).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                parts = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
-                slots.append(int(parts.get("slots", 1)))
+        # deepspeed's own parser, so the count is what its launcher will start
+        from deepspeed.launcher.runner import fetch_hostfile
+
+        try:
+            slots = list(fetch_hostfile(hostfile).values())
+        except ValueError as e:
+            raise LaunchError(f"--hostfile {hostfile}: {e}") from e
         if flag("--num_nodes"):
             slots = slots[: int(flag("--num_nodes"))]
         return sum(num_gpus if num_gpus else s for s in slots)
