@@ -1,7 +1,7 @@
 """The one shared loader: every recipe reads its data through ``build_dataloader``.
 
-Sources: a Megatron ``.bin/.idx`` prefix (optional ``{prefix}_loss_mask``) read through ``DistributedSampler``, or a
-WebDataset ``index.json`` streamed shard by shard. Modes: ``packed`` (several samples per row, no attention across
+Sources: a Megatron ``.bin/.idx`` prefix (optional ``{prefix}_loss_mask``) in ``DistributedSampler``'s seeded order, or
+a WebDataset ``index.json`` streamed shard by shard. Modes: ``packed`` (several samples per row, no attention across
 samples), ``padding`` (pad to the longest sample of the batch) and ``bucket`` (length-grouped batches, then padding).
 
 Plain text (a prefix without a loss mask) in packed mode is cut Megatron-style into contiguous chunks of ``seq_len``
@@ -15,9 +15,13 @@ A list of ``{"path", "weight"}`` sources is a weighted mixture (``loading.blend`
 ``BlendedDataset`` semantics whose order depends on global positions only (not on the rank or world size); the
 planner treats it as one more mmap source, and each batch also carries ``source_counts`` (samples per source).
 
-Everything random derives from ``(seed, epoch, rank, worker)``, so ``state_dict()`` (epoch, batches consumed, seed)
-is the whole state: a resumed run rebuilds the epoch and continues at the next batch. This module never calls
-``torch.distributed``: the caller passes ``rank`` and ``world_size``.
+World-size-free order (mmap and mixtures): an epoch's rows (which samples, packed into which row, in which order) are
+a function of ``(seed, epoch, seq_len, packing, sources)`` only, cut into optimizer steps of ``global_batch`` rows;
+each rank takes its slice of every micro step (``mmap_source.make_plan``). So 1 rank x accumulation 4, 2 ranks x 2
+and 4 ranks x 1 train on the same global batches, and ``state_dict()`` (epoch, rows consumed by all ranks, what fixed
+the order) resumes on another world size. A WebDataset stream is dealt to ``world_size x workers`` slots instead
+(streaming has no global order to cut); its state resumes on the same world size only, and says so. This module
+never calls ``torch.distributed``: the caller passes ``rank`` and ``world_size``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch.utils.data import DataLoader
 from data_tools.loading import blend, mmap_source, webdataset_source
 from data_tools.loading.packing import ATTENTION_MODES, PACKING_MODES, PackingStats
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: per-rank DistributedSampler order (before the world-size-free order)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class LoaderConfig:
     pad_id: int = 0
     pack_window: int = 64
     shuffle_buffer: int = 1000
+    global_batch: int | None = None  # rows per optimizer step, all ranks; None = micro_batch_size x world_size
 
     def __post_init__(self):
         if self.packing not in PACKING_MODES:
@@ -69,6 +74,14 @@ class LoaderConfig:
             raise ValueError(f"loader: pad_multiple={self.pad_multiple} must be >= 1")
         if self.num_workers < 0:
             raise ValueError(f"loader: num_workers={self.num_workers} must be >= 0")
+        unit = self.micro_batch_size * self.world_size
+        if self.global_batch is None:
+            object.__setattr__(self, "global_batch", unit)
+        if self.global_batch < 1 or self.global_batch % unit:
+            raise ValueError(
+                f"loader: global_batch={self.global_batch} rows is not a multiple of micro_batch_size x world_size = "
+                f"{self.micro_batch_size} x {self.world_size}"
+            )
 
 
 class DistributedLoader:
@@ -107,8 +120,7 @@ class DistributedLoader:
         if not self.is_webdataset and self._plan_epoch != self.epoch:
             src, cfg = self.source, self.cfg
             if self.is_mixture:
-                # The blend is already ordered (and shuffled within each source); the ranks take its positions
-                # rank::world_size in order, so every rank's batches keep the mixture's shares.
+                # The blend is already ordered (and shuffled within each source): its positions are the global order.
                 src, cfg = self.source.epoch_view(self.epoch), dataclasses.replace(cfg, shuffle=False)
             self._plan, self.stats = mmap_source.make_plan(src, epoch=self.epoch, cfg=cfg)
             self._plan_source, self._plan_epoch = src, self.epoch
@@ -156,44 +168,94 @@ class DistributedLoader:
             return iter(dataset)
         return iter(DataLoader(dataset, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory, **kw))
 
+    @property
+    def rows_consumed(self) -> int:
+        """Rows of this epoch consumed by all ranks together (mmap and mixtures: always a prefix of the epoch's rows)."""
+        return self.batches_consumed * self.cfg.micro_batch_size * self.cfg.world_size
+
     def state_dict(self) -> dict:
-        """Position and everything that fixed the random order; all of it is plain ints and strings."""
+        """Position and everything that fixed the order; all of it is plain ints and strings.
+
+        mmap and mixture sources: the position is ``rows_consumed`` over all ranks, so a run resumes on another world
+        size or micro batch whose ``micro_batch_size x world_size`` divides it (a checkpoint at an optimizer step
+        always does when the global batch is the same). A WebDataset stream's order depends on its
+        ``world_size x num_workers`` slots, so its state also holds those and its per-rank batch count.
+        """
         c = self.cfg
         self._roll_over()
-        return {
+        state = {
             "version": STATE_VERSION,
             "epoch": self.epoch,
-            "batches_consumed": self.batches_consumed,
+            "rows_consumed": self.rows_consumed,
+            "global_batch": c.global_batch,
             "seed": c.seed,
-            "world_size": c.world_size,
-            "micro_batch_size": c.micro_batch_size,
             "seq_len": c.seq_len,
             "packing": c.packing,
             "shuffle": c.shuffle,
-            "num_workers": c.num_workers if self.is_webdataset else None,
-            "num_batches": len(self),
             "mixture": self.source.fingerprint() if self.is_mixture else None,
+            "stream": None,
         }
+        if self.is_webdataset:
+            state["stream"] = {
+                "world_size": c.world_size,
+                "micro_batch_size": c.micro_batch_size,
+                "num_workers": c.num_workers,
+                "batches_consumed": self.batches_consumed,
+            }
+        state["epoch_rows"] = len(self) * c.micro_batch_size * c.world_size
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state``'s position. Raises if the settings that decide the order differ from this loader's."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        """Resume at ``state``'s position. Raises ValueError, naming the setting, if what decides the order differs
+        from this loader's or the position falls inside a micro step of this loader."""
+        version = state.get("version")
+        if version != STATE_VERSION:
+            old = " (an older dsft's per-rank order)" if version == 1 else ""
+            raise ValueError(
+                f"loader state version {version!r}{old}, expected {STATE_VERSION}: this dsft would train on other "
+                "batches from there; finish the run with the dsft that started it or start a fresh run"
+            )
         mine = self.state_dict()
         _check_same_mixture(state.get("mixture"), mine["mixture"])
-        for key in ("seed", "world_size", "micro_batch_size", "seq_len", "packing", "shuffle", "num_workers"):
+        for key in ("seed", "seq_len", "packing", "shuffle", "global_batch"):
             if state[key] != mine[key]:
                 raise ValueError(
                     f"loader state: {key}={state[key]!r} in the checkpoint but {mine[key]!r} now; the resumed run "
                     f"would see other batches. Restore {key}={state[key]!r} or start a fresh run"
                 )
-        self.epoch = int(state["epoch"])
-        if len(self) != state["num_batches"]:
+        if (state["stream"] is None) != (mine["stream"] is None):
             raise ValueError(
-                f"loader state: {state['num_batches']} batches per epoch in the checkpoint but {len(self)} now; "
+                "loader state: the checkpoint read a WebDataset stream and this run an mmap source, or the other way "
+                "round; restore the data setting of the checkpoint or start a fresh run"
+            )
+        if mine["stream"] is not None:
+            for key in ("world_size", "micro_batch_size", "num_workers"):
+                if state["stream"][key] != mine["stream"][key]:
+                    raise ValueError(
+                        f"loader state: a WebDataset stream is dealt to world_size x num_workers slots, so its order "
+                        f"depends on them: {key}={state['stream'][key]!r} in the checkpoint but "
+                        f"{mine['stream'][key]!r} now. Resume with {key}={state['stream'][key]!r}, or give the "
+                        "source as a mixture [{path: ..., weight: 1}] (read map-style, the same order on any world "
+                        "size) in a fresh run"
+                    )
+        self.epoch = int(state["epoch"])
+        rows = len(self) * self.cfg.micro_batch_size * self.cfg.world_size
+        if rows != state["epoch_rows"]:
+            raise ValueError(
+                f"loader state: {state['epoch_rows']} rows in epoch {self.epoch} in the checkpoint but {rows} now; "
                 "the data changed since the checkpoint"
             )
-        self.batches_consumed = int(state["batches_consumed"])
+        if mine["stream"] is not None:
+            self.batches_consumed = int(state["stream"]["batches_consumed"])
+            return
+        unit = self.cfg.micro_batch_size * self.cfg.world_size
+        if state["rows_consumed"] % unit:
+            raise ValueError(
+                f"loader state: the checkpoint is {state['rows_consumed']} rows into epoch {self.epoch}, not a whole "
+                f"number of micro steps of micro_batch_size x world_size = {unit} rows; resume with a micro batch "
+                "and world size whose product divides it"
+            )
+        self.batches_consumed = state["rows_consumed"] // unit
 
 
 def _check_same_mixture(saved: list[dict] | None, now: list[dict] | None) -> None:
@@ -247,6 +309,7 @@ def build_dataloader(
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
     pad_multiple: int = 1,
+    global_batch: int | None = None,
 ) -> DistributedLoader:
     """Build the loader of one rank.
 
@@ -265,10 +328,10 @@ def build_dataloader(
             given as ``cu_seq_lens_q/k`` + ``max_length_q/k`` for variable-length kernels (FlexAttention / varlen /
             flash-attn, see ``finetune.attention.resolve_attention`` and ``loading.packing.varlen_kwargs``).
         num_workers: DataLoader worker processes building batches (0 = in this process).
-        shuffle: shuffle samples (mmap: DistributedSampler; WebDataset: shard order + a sample buffer).
-        drop_last: mmap path. True: every rank drops the remainder (no sample is repeated, a few per epoch are
-            skipped). False: ranks pad to equal batch counts by repeating samples/rows, with no targets (labels
-            all -100), so every sample's targets count exactly once over all ranks (exact evaluation).
+        shuffle: shuffle samples (mmap: DistributedSampler's permutation; WebDataset: shard order + a sample buffer).
+        drop_last: mmap path. True: the epoch's last partial optimizer step is dropped (no sample is repeated, a few
+            per epoch are skipped). False: the rows are padded to whole micro steps by repeating rows with no targets
+            (labels all -100), so every sample's targets count exactly once over all ranks (exact evaluation).
         pad_id: token id of padding (labels there are -100 whatever it is).
         pack_window: rows the first-fit packer keeps open.
         shuffle_buffer: WebDataset sample shuffle buffer per worker.
@@ -276,13 +339,16 @@ def build_dataloader(
             ``.to(device, non_blocking=True)`` copies overlap the GPU's work.
         pad_multiple: padding/bucket modes: pad each batch's length up to a multiple of this (at most ``seq_len``), so
             compiled kernels see few distinct shapes.
+        global_batch: rows per optimizer step over all ranks (micro batch x world size x accumulation), a multiple of
+            ``micro_batch_size x world_size``; default one micro step. The order depends on it, not on the world size.
 
     Returns:
         A ``DistributedLoader``: iterable of batch dicts (``input_ids``, ``labels``, ``position_ids``,
         ``attention_mask`` except packed+position_ids, which has the varlen kwargs instead, ``num_real_tokens``; a
         mixture also ``source_counts``, an int64 tensor of real samples per source, excluding zero-weight repeats),
         with ``len``, ``set_epoch``, ``state_dict`` / ``load_state_dict`` (a mixture's state also holds its sources,
-        weights and sizes, and a changed mixture is refused by name).
+        weights and sizes, and a changed mixture is refused by name; a changed seed, seq_len, packing or global
+        batch is refused by key).
 
     Raises:
         ValueError: bad arguments, or a mixture with a bad weight (``source[1].weight ...``).
@@ -303,6 +369,7 @@ def build_dataloader(
         pad_id=pad_id,
         pack_window=pack_window,
         shuffle_buffer=shuffle_buffer,
+        global_batch=global_batch,
     )
     if isinstance(source, list | tuple):
         return DistributedLoader(blend.BlendedSource(blend.parse_mixture(list(source)), cfg), cfg)

@@ -144,7 +144,12 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         if stop_warning:
             print(f"[dsft] WARNING {stop_warning}", flush=True)
         data_reports = report_lengths(cfg, {"data.train": train_src, "data.eval": eval_src})
-    loader = build_dataloader(train_src, shuffle=True, drop_last=True, **common)
+    # The train order is cut into optimizer steps of the global batch, each rank taking its slice: the same batches on
+    # any world size (resume on fewer or more GPUs continues the same run). Evaluation is one pass, a micro step each.
+    try:
+        loader = build_dataloader(train_src, shuffle=True, drop_last=True, global_batch=plan.global_batch, **common)
+    except ValueError as e:  # e.g. less data than one optimizer step: a config problem, not a traceback
+        raise ConfigError(f"data.train={cfg.data.train}: {e}") from e
     names = loader.source_names  # a mixture's sources (batches carry source_counts), None for one source
     drawn = [0] * len(names or [])  # samples drawn per source since step 0, all ranks (restored on resume)
     eval_loader = None

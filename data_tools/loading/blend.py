@@ -6,13 +6,13 @@ padding, bucketing, the equal batch counts per rank, exact resume and the batch 
 not a copy of it.
 
 The order is a function of ``(seed, shuffle, the sources' unit counts, the weights)`` over *global* positions only,
-never of the rank or the world size (the loader then deals positions to ranks as it does for one source):
+never of the rank or the world size (the loader then packs and deals them to ranks as it does for one source):
 
 - **Which source** fills global position ``g = epoch * N + p`` (``N`` = the units of all sources together, one loader
   epoch): Megatron's ``build_blending_indices`` (``megatron/core/datasets/helpers.cpp``) over ``p`` in ``[0, N)``:
   each position goes to the source whose drawn share is furthest below its weight, so every prefix of the sequence
   holds each source within about one sample of ``weight x length``. With shuffling on, positions are then shuffled
-  within windows of 128 (the interleave is periodic, and ranks take every world_size-th position).
+  within windows of 128 (the interleave is periodic, and each rank takes a fixed slice of every step's rows).
 - **Which unit** of that source: its ``k``-th draw overall (epochs before this one included) is unit ``k % n`` of
   its epoch ``k // n`` in a permutation seeded by ``(seed, source, that epoch)``. A source drawn more than its size
   repeats, its epochs counted (:meth:`BlendedSource.source_epochs`); a large source with a small weight is seen in
@@ -273,8 +273,8 @@ class BlendedSource:
 
     def window_order(self, epoch: int) -> np.ndarray:
         """Positions of epoch ``epoch`` shuffled within consecutive windows of :data:`SHUFFLE_WINDOW` (identity
-        without shuffle). Why: the interleave is periodic (0.75/0.25 is A A A B ...), and ranks take every
-        world_size-th position, so without it one rank of two would only ever see A. Inside a window the shares are
+        without shuffle). Why: the interleave is periodic (0.75/0.25 is A A A B ...), and each rank takes a fixed slice
+        of every micro step's rows, so without it one rank could see mostly A. Inside a window the shares are
         already exact, so every prefix of the epoch stays within one window's rounding of the weights."""
         n = self.epoch_size
         if not self.shuffle:

@@ -1,13 +1,14 @@
-"""Map-style path: a Megatron ``.bin/.idx`` prefix (+ optional ``_loss_mask``) split across ranks by DistributedSampler.
+"""Map-style path: a Megatron ``.bin/.idx`` prefix (+ optional ``_loss_mask``) dealt to ranks by optimizer step.
 
-Every epoch's plan (which samples go in which row of which batch on this rank) is a pure function of
-``(seed, epoch, rank, world_size)`` and the sequence lengths in the ``.idx``, so a resumed run rebuilds it exactly
-and just starts at batch ``k``. No token is read to make a plan.
+Every epoch's rows (which samples are packed into which row, in which order) are a pure function of
+``(seed, epoch, seq_len, packing)`` and the sequence lengths in the ``.idx``, never of the rank or the world size;
+each rank then takes its slice of every optimizer step (``make_plan``). So a resumed run, on any number of ranks
+whose micro batches tile the same global batch, rebuilds the rows exactly and starts at the next row. No token is
+read to make a plan.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -82,21 +83,12 @@ class MmapSource:
         return ids, t - np.maximum(starts, a)
 
 
-def rank_order(n: int, *, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool):
-    """This rank's sample indices for ``epoch``: what ``DistributedSampler`` yields, with its repeats marked.
-
-    drop_last=True drops the tail so every rank gets ``n // world_size`` samples; drop_last=False pads by repeating
-    the first samples so every rank gets ``ceil(n / world_size)``. A repeat is returned as ``~i`` (see ``repeat``):
-    it still runs through the model, so every rank does the same number of forward passes (ZeRO-3 needs that), but
-    it carries no targets, so an evaluation counts every sample exactly once.
-    """
-    sampler = DistributedSampler(
-        range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
+def sample_order(n: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The epoch's order of ``n`` samples (or chunks): ``DistributedSampler``'s permutation for one replica, i.e.
+    ``randperm(n)`` seeded by ``seed + epoch``, or ``0..n-1`` unshuffled. It is global: no rank or world size in it."""
+    sampler = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=shuffle, seed=seed, drop_last=False)
     sampler.set_epoch(epoch)
-    order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
-    padded = rank + np.arange(len(order)) * world_size >= n  # DistributedSampler takes positions rank::world_size
-    return np.where(padded, ~order, order)
+    return np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
 
 
 def repeat(i: int) -> int:
@@ -114,76 +106,82 @@ def _index(entries: np.ndarray) -> np.ndarray:
     return np.where(entries < 0, ~entries, entries)
 
 
-def make_plan(source: MmapSource, *, epoch: int, cfg) -> tuple[list, PackingStats]:
-    """The list of this rank's batches for ``epoch`` (same length on every rank) and the packing stats of this rank.
-
-    ``cfg`` carries seq_len, micro_batch_size, rank, world_size, seed, packing, shuffle, drop_last, pack_window.
-    A batch is a list of rows (each a list of sample indices) when packed, a list of sample indices otherwise, or
-    a list of chunk indices for text data in packed mode (see ``text_chunks``).
-    """
-    t, b, w = cfg.seq_len, cfg.micro_batch_size, cfg.world_size
-    kw = dict(world_size=w, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle, drop_last=cfg.drop_last)
-    stats = PackingStats()
+def global_rows(source: MmapSource, *, epoch: int, cfg) -> list:
+    """Every row of ``epoch`` for all ranks together, in training order: a function of (seed, epoch, seq_len, packing,
+    shuffle, the source's lengths) only. A row is a list of sample indices (packed), one sample index (padding,
+    bucket) or one chunk index (text in packed mode, see ``text_chunks``)."""
+    t = cfg.seq_len
     if text_chunks(source, cfg):
         if not source.contiguous:
             raise ValueError(f"{source.prefix}.idx: sequences are not stored back to back; re-run the conversion")
-        n = source.num_tokens // t
-        order = rank_order(n, rank=cfg.rank, **kw)
-        nb = len(order) // b if cfg.drop_last else math.ceil(len(order) / b)
-        _check_nonempty(nb, f"{n} chunks of {t} tokens", cfg)
-        stats = PackingStats(
-            samples=len(order), rows=len(order), real_tokens=len(order) * t, total_tokens=len(order) * t
-        )
-        return [order[i * b : (i + 1) * b].tolist() for i in range(nb)], stats
-    lengths = np.minimum(source.sizes, t)
-    if cfg.packing == "packed":
-        # Every rank packs every rank's share (lengths only, no token read) so all agree on the batch count:
-        # the smallest (drop_last) or largest (wrap around) row count decides, else collectives would hang.
-        counts = []
-        for r in range(w):
-            order = rank_order(len(source), rank=r, **kw)
-            packed = pack_lengths(lengths[_index(order)], t, cfg.pack_window)
-            counts.append(len(packed))
-            if r == cfg.rank:  # only this rank's rows are kept; the others only count
-                mine, rows = _index(order), [[int(order[p]) for p in row] for row in packed]
-        nb = min(counts) // b if cfg.drop_last else max(math.ceil(c / b) for c in counts)
-        _check_nonempty(nb, f"{len(source)} samples", cfg)
-        # Rows past this rank's own (to match the rank with the most) wrap around as zero-weight repeats.
-        used = [rows[i] if i < len(rows) else [repeat(s) for s in rows[i % len(rows)]] for i in range(nb * b)]
-        plan = [used[i * b : (i + 1) * b] for i in range(nb)]
-        real = int(sum(lengths[entry(s)[0]] for row in used for s in row))
-        trunc = source.sizes[mine] > t
-        stats = PackingStats(
-            samples=sum(len(r) for r in used),
-            rows=len(used),
-            real_tokens=real,
-            total_tokens=len(used) * t,
-            truncated_samples=int(trunc.sum()),
-            truncated_tokens=int((source.sizes[mine][trunc] - t).sum()),
-        )
-        return plan, stats
-    order = rank_order(len(source), rank=cfg.rank, **kw)
+        return sample_order(source.num_tokens // t, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle).tolist()
+    order = sample_order(len(source), seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle)
+    lengths = np.minimum(source.sizes, t)[order]
+    if cfg.packing == "packed":  # lengths only, no token read
+        return [[int(order[p]) for p in row] for row in pack_lengths(lengths, t, cfg.pack_window)]
     if cfg.packing == "bucket":
-        rng = np.random.default_rng([cfg.seed, epoch, 1])  # same batch shuffle on all ranks
-        batches = [[int(order[p]) for p in bt] for bt in bucket_order(lengths[_index(order)], b, rng)]
-    else:
-        batches = [order[i : i + b].tolist() for i in range(0, len(order), b)]
+        # Length-grouped global batches (same rng on every rank). Full ones first in shuffled order, then the partial
+        # tails of the megabatches, so every global batch but the last holds samples of similar length.
+        rng = np.random.default_rng([cfg.seed, epoch, 1])
+        batches = bucket_order(lengths, cfg.global_batch, rng)
+        batches = [bt for bt in batches if len(bt) == cfg.global_batch] + [
+            bt for bt in batches if len(bt) < cfg.global_batch
+        ]
+        return [int(order[p]) for bt in batches for p in bt]
+    return order.tolist()
+
+
+def make_plan(source: MmapSource, *, epoch: int, cfg) -> tuple[list, PackingStats]:
+    """This rank's batches for ``epoch`` (the same count on every rank) and the packing stats of its rows.
+
+    ``cfg`` carries seq_len, micro_batch_size, rank, world_size, global_batch, seed, packing, shuffle, drop_last,
+    pack_window. The epoch's rows (``global_rows``) are cut into optimizer steps of ``global_batch`` rows; micro step
+    ``k`` of the run takes the next ``micro_batch_size x world_size`` rows and rank ``r`` the ``r``-th
+    ``micro_batch_size`` of them. So after any number of micro steps the ranks together have consumed a prefix of
+    the rows, and 1 rank x 4 accumulation, 2 x 2 and 4 x 1 train on the same global batches.
+
+    drop_last=True drops the epoch's last partial optimizer step (a few samples per epoch are skipped, none repeats).
+    drop_last=False pads the rows to whole micro steps by repeating the first rows as zero-weight repeats (``~i``):
+    they run through the model, so every rank does the same number of forward passes (ZeRO-3 needs that), but carry
+    no targets, so an evaluation counts every sample exactly once.
+
+    A batch is a list of rows (each a list of sample indices) when packed, a list of sample indices otherwise, or a
+    list of chunk indices for text data in packed mode.
+    """
+    b, w = cfg.micro_batch_size, cfg.world_size
+    rows, unit = global_rows(source, epoch=epoch, cfg=cfg), b * w
+    chunks, packed = text_chunks(source, cfg), cfg.packing == "packed"
+    what = f"{source.num_tokens // cfg.seq_len} chunks of {cfg.seq_len} tokens" if chunks else f"{len(source)} samples"
     if cfg.drop_last:
-        batches = [bt for bt in batches if len(bt) == b]
-    _check_nonempty(len(batches), f"{len(source)} samples", cfg)
-    real = int(sum(lengths[entry(s)[0]] for bt in batches for s in bt))
-    total = int(sum(len(bt) * lengths[_index(np.array(bt))].max() for bt in batches))
-    order = _index(order)
-    trunc = source.sizes[order] > t
+        rows = rows[: len(rows) // cfg.global_batch * cfg.global_batch]
+    else:  # whole micro steps: wrap around with zero-weight repeats
+        extra = [rows[i % len(rows)] for i in range(-len(rows) % unit)] if rows else []
+        rows = rows + [[repeat(s) for s in r] if packed and not chunks else repeat(r) for r in extra]
+    nb = len(rows) // unit
+    _check_nonempty(nb, what, cfg)
+    plan = [rows[j * unit + cfg.rank * b : j * unit + (cfg.rank + 1) * b] for j in range(nb)]
+    mine = [s for bt in plan for r in bt for s in (r if packed and not chunks else [r])]
+    if chunks:
+        n = len(mine)
+        return plan, PackingStats(samples=n, rows=n, real_tokens=n * cfg.seq_len, total_tokens=n * cfg.seq_len)
+    lengths = np.minimum(source.sizes, cfg.seq_len)
+    idx = np.asarray(mine, dtype=np.int64)
+    real = int(lengths[_index(idx)].sum())
+    if packed:
+        total = nb * b * cfg.seq_len
+    else:
+        total = int(sum(len(bt) * lengths[_index(np.asarray(bt))].max() for bt in plan))
+    own = idx[idx >= 0]  # this rank's real samples (repeats are another step's samples)
+    trunc = source.sizes[own] > cfg.seq_len
     stats = PackingStats(
-        samples=sum(len(bt) for bt in batches),
-        rows=sum(len(bt) for bt in batches),
+        samples=len(mine),
+        rows=nb * b,
         real_tokens=real,
         total_tokens=total,
         truncated_samples=int(trunc.sum()),
-        truncated_tokens=int((source.sizes[order][trunc] - t).sum()),
+        truncated_tokens=int((source.sizes[own][trunc] - cfg.seq_len).sum()),
     )
-    return batches, stats
+    return plan, stats
 
 
 def text_chunks(source: MmapSource, cfg) -> bool:
@@ -193,10 +191,11 @@ def text_chunks(source: MmapSource, cfg) -> bool:
 
 def _check_nonempty(nb: int, what: str, cfg) -> None:
     if nb == 0:
+        step = cfg.global_batch if cfg.drop_last else cfg.micro_batch_size * cfg.world_size
         raise ValueError(
-            f"loader: {what} give no full batch per rank with world_size={cfg.world_size}, "
-            f"micro_batch_size={cfg.micro_batch_size}, seq_len={cfg.seq_len}; use more data, a smaller micro "
-            "batch, or drop_last=False"
+            f"loader: {what} give no full step of {step} rows (world_size={cfg.world_size} x "
+            f"micro_batch_size={cfg.micro_batch_size}, global batch {cfg.global_batch}) at seq_len={cfg.seq_len}; "
+            "use more data, a smaller global batch, or drop_last=False"
         )
 
 

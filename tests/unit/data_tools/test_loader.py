@@ -327,7 +327,11 @@ def test_resume_sees_exactly_the_next_batches(sft, shards, which):
     for _ in range(k):
         next(it)
     state = run.state_dict()
-    assert state["epoch"] == 0 and state["batches_consumed"] == k
+    assert state["epoch"] == 0 and run.batches_consumed == k
+    if which == "mmap":
+        assert state["rows_consumed"] == k * 2 * 2  # all ranks' rows: the position is world-size-free
+    else:
+        assert state["stream"]["batches_consumed"] == k
     resumed = build_dataloader(source, **kw)
     resumed.load_state_dict(state)
     resumed.set_epoch(state["epoch"])  # what a training loop does every epoch: must not rewind
@@ -345,7 +349,7 @@ def test_checkpoint_right_after_the_last_batch_resumes_into_the_next_epoch(sft):
     for _ in range(len(run)):  # the trainer took the last batch but has not asked for one more yet
         next(it)
     state = run.state_dict()
-    assert (state["epoch"], state["batches_consumed"]) == (1, 0)
+    assert (state["epoch"], state["rows_consumed"]) == (1, 0)
     resumed = build_dataloader(prefix, **kw)
     resumed.load_state_dict(state)
     ref = build_dataloader(prefix, **kw)
@@ -354,23 +358,23 @@ def test_checkpoint_right_after_the_last_batch_resumes_into_the_next_epoch(sft):
         _same(b1, b2)
 
 
-RESUME_BASE = dict(seq_len=128, micro_batch_size=2, seed=0, world_size=1, packing="packed", shuffle=True, num_workers=0)
+RESUME_BASE = dict(
+    seq_len=128, micro_batch_size=2, seed=0, world_size=1, packing="packed", shuffle=True, num_workers=0, global_batch=4
+)
 
 
 @pytest.mark.parametrize(
     ("key", "saved", "now"),
     [
         ("seed", 0, 1),
-        ("world_size", 2, 1),
-        ("micro_batch_size", 2, 4),
+        ("global_batch", 4, 8),
         ("seq_len", 128, 64),
         ("packing", "packed", "padding"),
         ("shuffle", True, False),
-        ("num_workers", 0, 2),  # orders WebDataset streams (a stream per worker); mmap batches do not depend on it
     ],
 )
-def test_resume_refuses_each_setting_that_orders_the_batches(sft, shards, key, saved, now):
-    source = shards[0] if key == "num_workers" else sft[0]
+def test_resume_refuses_each_setting_that_orders_the_batches(sft, key, saved, now):
+    source = sft[0]
     state = build_dataloader(source, **{**RESUME_BASE, key: saved}).state_dict()
     build_dataloader(source, **{**RESUME_BASE, key: saved}).load_state_dict(state)  # the same settings resume
     message = (
@@ -381,15 +385,106 @@ def test_resume_refuses_each_setting_that_orders_the_batches(sft, shards, key, s
         build_dataloader(source, **{**RESUME_BASE, key: now}).load_state_dict(state)
 
 
-def test_resume_refuses_changed_data_and_another_state_version_but_not_mmap_workers(sft):
+@pytest.mark.parametrize(
+    ("key", "saved", "now"), [("world_size", 2, 1), ("micro_batch_size", 2, 1), ("num_workers", 0, 2)]
+)
+def test_a_webdataset_stream_resumes_on_its_own_slots_only_and_says_what_to_do(shards, key, saved, now):
+    """A stream is dealt to world_size x workers slots (no global order to cut), so its state names them."""
+    base = RESUME_BASE  # global batch 4 in every case: only the slots differ
+    state = build_dataloader(shards[0], **{**base, key: saved}).state_dict()
+    with pytest.raises(ValueError, match=re.escape(f"{key}={saved!r} in the checkpoint but {now!r} now. Resume with")):
+        build_dataloader(shards[0], **{**base, key: now}).load_state_dict(state)
+    with pytest.raises(ValueError, match="mixture"):  # the way out: a one-source mixture is read map-style
+        build_dataloader(shards[0], **{**base, key: now}).load_state_dict(state)
+
+
+def test_resume_refuses_changed_data_a_position_inside_a_micro_step_and_another_state_version(sft):
     prefix, _ = sft
     state = build_dataloader(prefix, **RESUME_BASE).state_dict()
     build_dataloader(prefix, **{**RESUME_BASE, "num_workers": 2}).load_state_dict(state)  # the same mmap batches
-    grown = {**state, "num_batches": state["num_batches"] + 1}
-    with pytest.raises(ValueError, match=rf"{grown['num_batches']} batches per epoch in the checkpoint but "):
+    grown = {**state, "epoch_rows": state["epoch_rows"] + 4}
+    with pytest.raises(ValueError, match=rf"{grown['epoch_rows']} rows in epoch 0 in the checkpoint but "):
         build_dataloader(prefix, **RESUME_BASE).load_state_dict(grown)
-    with pytest.raises(ValueError, match="loader state version 0, expected 1"):
-        build_dataloader(prefix, **RESUME_BASE).load_state_dict({**state, "version": 0})
+    inside = {**state, "rows_consumed": 6}  # 6 rows: not a whole micro step of 4 x 1 rows
+    with pytest.raises(ValueError, match=r"6 rows into epoch 0, not a whole number of micro steps of .* = 4 rows"):
+        build_dataloader(prefix, **{**RESUME_BASE, "micro_batch_size": 4}).load_state_dict(inside)
+    with pytest.raises(ValueError, match=r"loader state version 1 \(an older dsft's per-rank order\), expected 2"):
+        build_dataloader(prefix, **RESUME_BASE).load_state_dict({**state, "version": 1})
+
+
+# ---------------------------------------------------------------- world-size-free order
+
+
+def _row(ids) -> tuple:
+    """A row as its tokens without padding (pad_id 0 is never a sample token), comparable across batch shapes."""
+    return tuple(int(t) for t in ids if t != 0)
+
+
+def global_steps(source, *, world_size, micro_batch_size, global_batch, steps=None, **kw):
+    """Each optimizer step's rows over all ranks (a sorted list of rows), as a trainer with accumulation sees them."""
+    accum = global_batch // (world_size * micro_batch_size)
+    per_rank = []
+    for rank in range(world_size):
+        loader = build_dataloader(
+            source,
+            rank=rank,
+            world_size=world_size,
+            micro_batch_size=micro_batch_size,
+            global_batch=global_batch,
+            **kw,
+        )
+        per_rank.append([[_row(r) for r in b["input_ids"]] for b in loader])
+    n = len(per_rank[0])
+    assert all(len(p) == n for p in per_rank) and n % accum == 0  # equal counts, whole optimizer steps per epoch
+    return [
+        sorted(row for p in per_rank for b in p[s * accum : (s + 1) * accum] for row in b)
+        for s in range(n // accum if steps is None else steps)
+    ]
+
+
+@pytest.mark.parametrize("packing", ["packed", "padding", "bucket", "text", "mixture"])
+def test_the_same_global_batches_on_any_world_size(sft, tmp_path, packing):
+    """1 rank x 4 accumulation, 2 x 2, 4 x 1 and 2 ranks x micro 4 train on the same rows in every optimizer step."""
+    prefix, samples = sft
+    if packing == "text":
+        prefix, packing = write_mmap(tmp_path / "text", samples[:301], loss_mask=False), "packed"
+    if packing == "mixture":
+        other = write_mmap(tmp_path / "other", samples[300:], loss_mask=True)
+        prefix, packing = [{"path": prefix, "weight": 0.7}, {"path": other, "weight": 0.3}], "packed"
+    kw = dict(seq_len=128, global_batch=8, seed=11, packing=packing)
+    reference = global_steps(prefix, world_size=1, micro_batch_size=2, **kw)
+    assert len(reference) >= 5
+    for world_size, micro in ((2, 2), (4, 2), (2, 4), (8, 1)):
+        assert global_steps(prefix, world_size=world_size, micro_batch_size=micro, **kw) == reference, (
+            world_size,
+            micro,
+        )
+
+
+def test_resume_on_another_world_size_continues_with_the_next_global_batch(sft):
+    """2 ranks stop after 3 optimizer steps; 1 rank (micro 2, accumulation 4) and 4 ranks (accumulation 1) resume
+    from the state one rank saved and train on exactly the steps the uninterrupted 2-rank run trains on."""
+    prefix, _ = sft
+    kw = dict(seq_len=128, global_batch=8, seed=4, micro_batch_size=2)
+    reference = global_steps(prefix, world_size=2, **kw)
+    saved = build_dataloader(prefix, rank=1, world_size=2, **kw)
+    it = iter(saved)
+    for _ in range(3 * 2):  # 3 steps x accumulation 2
+        next(it)
+    state = saved.state_dict()
+    assert state["rows_consumed"] == 3 * 8
+    for world_size in (1, 4):
+        accum = 8 // (world_size * 2)
+        per_rank = []
+        for rank in range(world_size):
+            loader = build_dataloader(prefix, rank=rank, world_size=world_size, **kw)
+            loader.load_state_dict(state)
+            per_rank.append([[_row(r) for r in b["input_ids"]] for b in loader])
+        got = [
+            sorted(row for p in per_rank for b in p[s * accum : (s + 1) * accum] for row in b)
+            for s in range(len(per_rank[0]) // accum)
+        ]
+        assert got == reference[3:], world_size
 
 
 def test_workers_build_the_same_batches(sft):
