@@ -42,7 +42,12 @@ def make_engine(model_dir: Path, stage: int, lora: bool = False, universal: bool
     }
     if universal:
         config["checkpoint"] = {"load_universal": True}
-    params = [p for p in model.parameters() if p.requires_grad]
+    from finetune.model import param_groups
+
+    # ZeRO-3: the engine's own groups (decay on matrices, none on norms), where DeepSpeed's universal load mixed up
+    # groups. ZeRO 1-2 keep one group: deepspeed.utils.safe_get_full_optimizer_state (full_state below) finds no
+    # moments for a second group's parameters there.
+    params = param_groups(model, 0.1) if stage == 3 else [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
     return engine
 
@@ -133,6 +138,13 @@ def test_universal_copy_restores_weights_and_adam_moments(dist_env, tiny_llama_d
     assert client["step"] == 2 and "universal_checkpoint_info" not in client
     assert_same_state(full_state(fresh), saved)
     assert fresh.global_steps == 2
+    # what DeepSpeed 0.19's ZeRO-3 universal load gets wrong and load_checkpoint repairs: every group got group 0's
+    # weight decay, and all groups shared one Adam step tensor (advanced once per group per step)
+    base = fresh.optimizer.optimizer
+    if stage == 3:
+        assert [g["weight_decay"] for g in base.param_groups] == ([0.1] if lora else [0.1, 0.0])
+    steps = [st["step"] for st in base.state.values()]
+    assert steps and len({id(t) for t in steps}) == len(steps) and all(float(t) == 2 for t in steps)
     # training goes on from the restored state: the same next losses as the engine that never stopped
     assert train(fresh, 2, seed=2) == pytest.approx(expected_next, rel=1e-5)
 
