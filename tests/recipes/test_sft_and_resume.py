@@ -68,13 +68,14 @@ def test_one_rank_vs_two_ranks_and_sigkill_resume(tmp_path, tiny_llama_dir, coun
     one = run_recipe("full", tiny_llama_dir, data, tmp_path / "one", *GLOBAL_BATCH, *steps, nproc=1, launcher="python")
     l2, l1 = losses(two), losses(one)
     assert sorted(l2) == list(range(1, 31)) and sorted(l1) == sorted(l2)
-    assert [l1[s] for s in sorted(l1)] == pytest.approx([l2[s] for s in sorted(l2)], rel=2e-3)
+    # the same rows in every optimizer step (the loader's order does not depend on the world size): the same curve
+    assert [l1[s] for s in sorted(l1)] == pytest.approx([l2[s] for s in sorted(l2)], rel=1e-5)
     # The gradient itself, not only the loss: a wrong 1/world or 1/accum factor in the loss scale moves the grad norm
     # by that factor from step 1 on (AdamW would hide it from the losses for many steps).
     g2 = {r["step"]: r["grad_norm"] for r in metrics(two)}
     g1 = {r["step"]: r["grad_norm"] for r in metrics(one)}
     assert g1[1] == pytest.approx(g2[1], rel=1e-4)
-    assert [g1[s] for s in sorted(g1)] == pytest.approx([g2[s] for s in sorted(g2)], rel=2e-3)
+    assert [g1[s] for s in sorted(g1)] == pytest.approx([g2[s] for s in sorted(g2)], rel=1e-5)
     assert l2[30] < l2[1] - 1.0
 
     killed = tmp_path / "killed"
