@@ -18,6 +18,7 @@ BENCHMARKS = [
     "benchmarks.loader_throughput",
     "benchmarks.train_throughput",
     "benchmarks.memory_prediction",
+    "benchmarks.load_memory",
 ]
 
 

@@ -58,7 +58,8 @@ def load_model(cfg: Config, ds_config: dict, precision: str, attn_implementation
     method = get_method(cfg.method.name)
     kwargs = method.load_kwargs(cfg, precision)
     quantized = "quantization_config" in kwargs
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3 and not quantized:
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if zero3 and not quantized:
         from transformers.integrations import HfDeepSpeedConfig
 
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
@@ -67,6 +68,11 @@ def load_model(cfg: Config, ds_config: dict, precision: str, attn_implementation
         # does not do: each rank loads the whole 4-bit base (1/4 of bf16) and, under ZeRO-3, deepspeed.initialize
         # then partitions it (the codes are stored in the training dtype, see methods/lora.py).
         kwargs["device_map"] = {"": dist.cuda_index() if torch.cuda.is_available() else "cpu"}
+    elif not zero3 and torch.cuda.is_available():
+        # ZeRO 0-2 keep the whole model on every GPU: load it straight there from the memory-mapped safetensors,
+        # not into a full host copy per rank first (8 ranks x a 16 GB model = 128 GB of host RAM at start otherwise).
+        # benchmarks/load_memory.py measures the host side.
+        kwargs["device_map"] = {"": dist.cuda_index()}
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path,
         dtype=weight_dtype(cfg, precision),
