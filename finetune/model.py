@@ -73,14 +73,30 @@ def load_model(cfg: Config, ds_config: dict, precision: str, attn_implementation
         # not into a full host copy per rank first (8 ranks x a 16 GB model = 128 GB of host RAM at start otherwise).
         # benchmarks/load_memory.py measures the host side.
         kwargs["device_map"] = {"": dist.cuda_index()}
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.name_or_path,
-        dtype=weight_dtype(cfg, precision),
-        attn_implementation=attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-        use_safetensors=True,  # never unpickle weights: a .bin-only checkpoint is refused (convert it with safetensors)
-        **kwargs,
-    )
+    model = None
+    if zero3 and not kwargs:
+        # rank 0 reads one tensor at a time instead of the whole state dict (finetune/zero3_load.py says why)
+        from transformers import AutoConfig
+
+        from finetune.zero3_load import load_partitioned
+
+        config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        model = load_partitioned(
+            cfg.model.name_or_path,
+            config,
+            dtype=weight_dtype(cfg, precision),
+            attn_implementation=attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.name_or_path,
+            dtype=weight_dtype(cfg, precision),
+            attn_implementation=attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+            use_safetensors=True,  # never unpickle weights: a .bin-only checkpoint is refused (convert with safetensors)
+            **kwargs,
+        )
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     model = method.prepare(model, cfg)
     _, _, report = trainable_report(model)
