@@ -19,6 +19,7 @@ BENCHMARKS = [
     "benchmarks.train_throughput",
     "benchmarks.memory_prediction",
     "benchmarks.load_memory",
+    "benchmarks.long_context_memory",
 ]
 
 

@@ -159,6 +159,13 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay (never applied to biases and norm weights).")
     adam_betas: list[float] = _f(help="AdamW betas.", factory=lambda: [0.9, 0.95])
     max_grad_norm: float = _f(1.0, "Global gradient-norm clip; 0 disables clipping.")
+    tiled_loss: str = _f(
+        "auto",
+        "Compute the head and the loss in tiles of tokens, never the full logits tensor (finetune/tiled_loss.py; the "
+        "same value and gradients). auto = when a micro batch's fp32 logits would exceed 1 GiB (e.g. 8k tokens x "
+        "a 152k vocabulary); always; never.",
+        ("auto", "always", "never"),
+    )
     seed: int = _f(42, "Seed for model init (PEFT), data order and dropout.")
     eval_every: int = _f(0, "Evaluate on data.eval every N steps (0 = only at the end).")
     save_every: int = _f(0, "Write a resumable checkpoint every N steps (0 = none).")

@@ -44,6 +44,8 @@ from finetune.data import check_sources, report_lengths, resolve_data, serving_s
 from finetune.export import SERVING_FILE, save_for_serving
 from finetune.methods import get_method
 from finetune.metrics import MetricsLogger, flops_per_token, matmul_params, memory_stats, mfu, peak_flops_per_gpu
+from finetune.tiled_loss import install as install_tiled_loss
+from finetune.tiled_loss import summed_loss
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +222,11 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         )
     ops.build(needed)  # before the model: a missing op or a slow first compile shows up before a big load
     model = load_model(cfg, ds_config, precision, hf_attn)
+    tiled_head = install_tiled_loss(
+        model, mode=cfg.train.tiled_loss, tokens_per_micro_batch=plan.micro_batch_size * cfg.data.seq_len
+    )
+    if tiled_head is not None and dist.is_main():
+        print(f"[dsft] tiled loss: the head and the loss in tiles of {tiled_head.tile} tokens", flush=True)
     fpt = flops_per_token(*matmul_params(model))  # the benchmarks' convention: 4 per frozen weight, 6 per trainable
     peak = peak_flops_per_gpu(precision, cfg.tf32)
 
@@ -293,7 +300,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
         with watchdog.guard():  # a peer that died mid-collective -> one report naming it, exit 87
             while step < total_steps:
                 lr = cfg.train.lr * lr_factor(step, total_steps, warmup, cfg.train.lr_scheduler, cfg.train.min_lr_ratio)
-                loss, counts = _train_step(engine, [next(batches) for _ in range(plan.grad_accum)], cfg, plan)
+                micro_batches = [next(batches) for _ in range(plan.grad_accum)]
+                loss, counts = _train_step(engine, micro_batches, cfg, plan, tiled_head)
                 row.add(loss, counts)
                 step += 1
                 # DeepSpeed skipped the step when its gradients were not finite: a host flag it computed anyway
@@ -322,7 +330,8 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                 bar.update(1)
                 watchdog.beat(step)
                 if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    metrics.log({"step": step, "split": "eval", **evaluate_sources(engine, eval_loader, cfg)})
+                    ev = evaluate_sources(engine, eval_loader, cfg, tiled_head)
+                    metrics.log({"step": step, "split": "eval", **ev})
                     metrics.plot()
                 if cfg.train.save_every and step % cfg.train.save_every == 0:
                     state = {
@@ -344,7 +353,7 @@ def run(cfg: Config, require_loss_mask: bool = False) -> dict:
                             print(f"[dsft] WARNING checkpoint at step {step} failed, training on: {e}", flush=True)
             summary = {"step": step, "loss": last.get("loss"), "data": data_reports}
             if eval_loader is not None:
-                ev = evaluate_sources(engine, eval_loader, cfg)
+                ev = evaluate_sources(engine, eval_loader, cfg, tiled_head)
                 metrics.log({"step": step, "split": "eval", "final": True, **ev})
                 summary.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
             save_final(engine, cfg, tokenizer, out / "final", serving["stop_token_ids"])
@@ -383,7 +392,7 @@ def _target_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())  # causal LM: position t predicts label t+1
 
 
-def _train_step(engine, micro_batches: list[dict], cfg: Config, plan) -> tuple[torch.Tensor, torch.Tensor]:
+def _train_step(engine, micro_batches: list[dict], cfg: Config, plan, head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over ``grad_accum`` micro-batches, without waiting on the device.
 
     Returns device tensors: this rank's share of the step's mean target-token loss (summed over ranks and divided by
@@ -406,13 +415,12 @@ def _train_step(engine, micro_batches: list[dict], cfg: Config, plan) -> tuple[t
         dtype=torch.float64,
     ).to(engine.device, non_blocking=True)
     pending = dist.all_reduce_sum_async(counts)
-    one = torch.ones((), device=engine.device)
     engine.train()
     loss_sum = torch.zeros((), device=engine.device, dtype=torch.float64)
     weight = None
     for batch in micro_batches:
         kwargs, _ = _forward_kwargs(batch, cfg, engine.device)
-        summed = engine(**kwargs, num_items_in_batch=one).loss  # the sum of this micro-batch's token losses
+        summed = summed_loss(engine, kwargs, head)  # the sum of this micro-batch's token losses (tiled or not)
         if weight is None:
             if pending is not None:
                 pending.wait()
@@ -520,15 +528,15 @@ def _count_bad_step(applied: bool, engine, bad_streak: int, cfg: Config, precisi
 
 
 @torch.no_grad()
-def evaluate(engine, loader, cfg: Config) -> dict:
-    """Mean target-token loss and perplexity over the whole eval set (all ranks' shares summed)."""
+def evaluate(engine, loader, cfg: Config, head=None) -> dict:
+    """Mean target-token loss and perplexity over the whole eval set (all ranks' shares summed); ``head``: the
+    tiled loss's patched head (``finetune.tiled_loss``), or None for the model's own loss."""
     engine.eval()
     loss_sum, tokens = 0.0, 0
-    one = torch.tensor(1.0, device=engine.device)
     for batch in loader:
         kwargs, _ = _forward_kwargs(batch, cfg, engine.device)
-        # num_items_in_batch=1 makes the model return the SUM of token losses (exact pooling across batches)
-        loss_sum += float(engine(**kwargs, num_items_in_batch=one).loss)
+        # the SUM of token losses (num_items_in_batch=1, or tiled): exact pooling across batches
+        loss_sum += float(summed_loss(engine, kwargs, head))
         tokens += _target_tokens(batch)
     loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens])
     engine.train()
@@ -536,15 +544,15 @@ def evaluate(engine, loader, cfg: Config) -> dict:
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
 
 
-def evaluate_sources(engine, loaders, cfg: Config) -> dict:
+def evaluate_sources(engine, loaders, cfg: Config, head=None) -> dict:
     """``evaluate`` of one loader, or of a list ``data.eval``'s loaders (``{name: loader}``): ``loss/NAME``,
     ``ppl/NAME`` and ``tokens/NAME`` per source, and ``loss``/``ppl``/``tokens`` over all their target tokens pooled
     (what one exact evaluation of all of them together gives; every sample counted once)."""
     if not isinstance(loaders, dict):
-        return evaluate(engine, loaders, cfg)
+        return evaluate(engine, loaders, cfg, head)
     out, loss_sum, tokens = {}, 0.0, 0
     for name, loader in loaders.items():
-        ev = evaluate(engine, loader, cfg)
+        ev = evaluate(engine, loader, cfg, head)
         out.update({f"loss/{name}": ev["loss"], f"ppl/{name}": ev["ppl"], f"tokens/{name}": ev["tokens"]})
         loss_sum, tokens = loss_sum + ev["loss"] * ev["tokens"], tokens + ev["tokens"]
     loss = loss_sum / max(tokens, 1)
