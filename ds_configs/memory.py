@@ -23,6 +23,10 @@ Four parts, each from a stated formula:
    gradient checkpointing (HF, one checkpoint per decoder layer) only each layer's input is kept (2sbh·L,
    Korthikanti's "full recomputation") plus one layer recomputed during backward. The logits add ``bsV × 10``
    bytes at the loss: 16-bit logits (2), their fp32 upcast (4), and the fp32 log-softmax saved for backward (4).
+   With the tiled loss (``finetune/tiled_loss.py``; :func:`tiles_loss` says when ``train.tiled_loss=auto`` tiles)
+   only one tile of ``t = max(128, 256 MiB / 4V)`` tokens exists: ``tV(4 + e)`` (fp32 logits made into their
+   gradient in place, plus its 16-bit copy), and an fp32 accumulator for the head's gradient ``4Vh`` when the head
+   trains.
 3. **Buffers**: ZeRO communication buckets (stage 1/2 with ``overlap_comm``: DeepSpeed's docs give 4.5 × the
    reduce and allgather buckets, in 16-bit; stage 3: reduce + prefetch buckets, double-buffered), and for QLoRA one
    dequantised linear layer.
@@ -460,6 +464,33 @@ def activation_bytes(
     return {"layers": int(layers), "logits": int(logits)}
 
 
+TILE_BYTES = 1 << 28  # fp32 logits of one tile of the tiled loss (finetune/tiled_loss.py)
+TILED_AUTO_MIN_BYTES = 1 << 30  # train.tiled_loss=auto tiles above this many bytes of fp32 logits per micro batch
+TILED_LOSS_MODES = ("auto", "always", "never")
+
+
+def tiles_loss(mode: str, *, tokens_per_micro_batch: int, vocab_size: int) -> bool:
+    """Whether ``train.tiled_loss=mode`` tiles (for a model the tiled loss supports): ``auto`` when the micro batch's
+    fp32 logits would exceed :data:`TILED_AUTO_MIN_BYTES`."""
+    if mode not in TILED_LOSS_MODES:
+        raise ValueError(f"train.tiled_loss={mode!r}: expected one of {TILED_LOSS_MODES}")
+    if mode == "auto":
+        return 4 * vocab_size * tokens_per_micro_batch > TILED_AUTO_MIN_BYTES
+    return mode == "always"
+
+
+def tile_tokens(vocab_size: int) -> int:
+    """Tokens per tile of the tiled loss: one tile's fp32 logits take about :data:`TILE_BYTES`."""
+    return max(128, TILE_BYTES // (4 * max(1, vocab_size)))
+
+
+def tiled_logits_bytes(shape: ModelShape, *, precision: str, head_trains: bool) -> int:
+    """Peak bytes of the tiled loss around the head (see the module docstring)."""
+    e = 4 if precision == "fp32" else 2
+    v = shape.vocab_size
+    return tile_tokens(v) * v * (4 + e) + (4 * v * shape.hidden_size if head_trains else 0)
+
+
 def dense_mask_bytes(*, seq_len: int, micro_batch: int, precision: str = "bf16") -> int:
     """A dense block-diagonal mask for one micro batch: the loader's bool (B, 1, T, T) and the additive float mask
     of the training dtype SDPA turns it into (kept for backward): ``B·T²·(1 + e)`` bytes (e = 2, fp32: 4).
@@ -527,11 +558,13 @@ def estimate(
     gradient_checkpointing: bool = True,
     precision: str = "bf16",
     dense_mask: bool = False,
+    tiled_loss: str = "auto",
 ) -> Estimate:
     """Estimate GPU (per GPU), CPU (per node) and NVMe (per node) bytes for one configuration.
 
     ``dense_mask``: packed rows reach the kernel as a dense (B, 1, T, T) block mask (SDPA: CPU, or a GPU fallback when
     no varlen kernel fits the model and precision, see ``finetune.attention``): counted in ``activations``.
+    ``tiled_loss``: ``train.tiled_loss``; when it tiles (:func:`tiles_loss`) ``logits`` is one tile's, not ``bsV``'s.
 
     Raises:
         ValueError: an impossible combination (parameter offload below stage 3, NVMe below stage 3 …).
@@ -574,10 +607,13 @@ def estimate(
         shape, seq_len=seq, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, precision=precision
     )
     mask = dense_mask_bytes(seq_len=seq, micro_batch=micro_batch, precision=precision) if dense_mask else 0
+    logits = acts["logits"]
+    if tiles_loss(tiled_loss, tokens_per_micro_batch=seq * micro_batch, vocab_size=shape.vocab_size):
+        logits = tiled_logits_bytes(shape, precision=precision, head_trains=terms.trains_base)
     parts = {
         "model_states": states.gpu,
         "activations": acts["layers"] + mask,
-        "logits": acts["logits"],
+        "logits": logits,
         "buffers": buffer_bytes(shape, zero_stage=zero_stage, trainable=trainable, method=method),
     }
     return Estimate(parts_gpu=parts, cpu=states.cpu, nvme=states.nvme, trainable=trainable, notes=list(shape.notes))

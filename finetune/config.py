@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from ds_configs import rules
+from ds_configs.memory import TILED_LOSS_MODES
 from finetune.methods import registry
 from finetune.methods.lora import LoraMethodConfig  # noqa: F401  (re-exported: the sections live with their method)
 from finetune.methods.prefix import PrefixMethodConfig  # noqa: F401
@@ -164,7 +165,7 @@ class TrainConfig:
         "Compute the head and the loss in tiles of tokens, never the full logits tensor (finetune/tiled_loss.py; the "
         "same value and gradients). auto = when a micro batch's fp32 logits would exceed 1 GiB (e.g. 8k tokens x "
         "a 152k vocabulary); always; never.",
-        ("auto", "always", "never"),
+        TILED_LOSS_MODES,
     )
     seed: int = _f(42, "Seed for model init (PEFT), data order and dropout.")
     eval_every: int = _f(0, "Evaluate on data.eval every N steps (0 = only at the end).")

@@ -5,7 +5,8 @@ fp32 copy and their gradient alive at once. Here the model's output head is patc
 and their state-dict names stay the head's own) to compute, for the rows' target positions only, tile by tile:
 logits (in the head's dtype, upcast to fp32 like transformers' loss), the summed cross-entropy, and right away the
 gradients for the hidden states and the head's weight, so a tile's logits are freed before the next one. Peak extra
-memory is one tile of ``tile_tokens x vocab`` fp32 logits (~256 MiB) instead of ``tokens x vocab``. The value and the
+memory is one tile of ``tile_tokens x vocab`` fp32 logits (~256 MiB) instead of ``tokens x vocab``; the rule for
+``auto`` and the tile size live in ``ds_configs.memory`` (the memory model counts the same bytes). The value and the
 gradients equal the plain loss (tests/unit/finetune/test_tiled_loss.py, 152k vocabulary).
 
 Why not DeepSpeed's ``TiledFusedLogitsLoss``: it needs the caller to hold the head's weight outside the head's forward,
@@ -23,14 +24,13 @@ import types
 
 import torch
 
+from ds_configs.memory import tile_tokens, tiles_loss  # the auto rule and the tile size live with the memory model
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-TILE_BYTES = 1 << 28  # fp32 logits of one tile: 256 MiB
-AUTO_MIN_BYTES = 1 << 30  # auto mode tiles when the micro batch's fp32 logits would take more than 1 GiB
 # Config attributes of models that transform the logits after the head (softcapping, scaling): the loss would be wrong.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-MODES = ("auto", "always", "never")
 
 
 class _TiledLinearCrossEntropy(torch.autograd.Function):
@@ -94,7 +94,7 @@ class TiledHead:
 
     def __init__(self, head: torch.nn.Linear, vocab: int):
         self.head, self.labels = head, None
-        self.tile = max(128, TILE_BYTES // (4 * vocab))
+        self.tile = tile_tokens(vocab)
         plain = head.forward
 
         def forward(module, hidden):
@@ -137,11 +137,9 @@ def install(model, *, mode: str, tokens_per_micro_batch: int) -> TiledHead | Non
         The :class:`TiledHead`, or None when not installed (``never``, ``auto`` below the threshold, or a model the
         tiled loss would get wrong: logged, and the plain loss is used).
     """
-    if mode == "never":
-        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     vocab = int(getattr(base.config, "vocab_size", 0) or 0)
-    if mode == "auto" and 4 * vocab * tokens_per_micro_batch <= AUTO_MIN_BYTES:
+    if not tiles_loss(mode, tokens_per_micro_batch=tokens_per_micro_batch, vocab_size=vocab):
         return None
     reason = _why_not(base)
     if reason is not None:

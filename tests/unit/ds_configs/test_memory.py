@@ -17,6 +17,8 @@ from ds_configs.memory import (
     model_state_bytes,
     shape_from_hf_config,
     shape_from_numbers,
+    tile_tokens,
+    tiles_loss,
     trainable_params,
 )
 
@@ -261,3 +263,25 @@ def test_a_dense_block_mask_is_counted_when_the_kernel_needs_one():
         estimate(LLAMA7B, MethodSpec("full"), dense_mask=True, **kw),
     )
     assert masked.parts_gpu["activations"] - plain.parts_gpu["activations"] == 2 * 4096 * 4096 * 3
+
+
+def test_the_tiled_loss_replaces_the_logits_term_where_train_tiled_loss_tiles():
+    """Qwen2.5-7B's shape at 16k tokens: plain logits are bsV x 10 bytes (25 GB); tiled, one tile of
+    256 MiB / 4V tokens plus the fp32 accumulator of a trained head. auto tiles only above 1 GiB of fp32 logits."""
+    qwen = shape_from_numbers(layers=28, hidden=3584, vocab=152_064, intermediate=18_944, heads=28, kv_heads=4)
+    kw = dict(zero_stage=3, seq_len=16_384, micro_batch=1, gpus_per_node=8)
+    plain = estimate(qwen, MethodSpec("full"), tiled_loss="never", **kw)
+    assert plain.parts_gpu["logits"] == 10 * 16_384 * 152_064
+    full = estimate(qwen, MethodSpec("full"), **kw)  # auto
+    lora = estimate(qwen, MethodSpec("lora"), tiled_loss="always", **kw)
+    tile = tile_tokens(152_064)
+    assert tile == 441 and full.parts_gpu["logits"] == tile * 152_064 * 6 + 4 * 152_064 * 3584
+    assert lora.parts_gpu["logits"] == tile * 152_064 * 6  # the head is frozen: no gradient accumulator
+    assert full.gpu < plain.gpu - 20 * 2**30
+    # auto below the threshold is the plain loss: 1 GiB of fp32 logits is 1765 tokens at 152k
+    short = dict(kw, seq_len=1024)
+    assert estimate(qwen, MethodSpec("full"), **short).parts_gpu["logits"] == 10 * 1024 * 152_064
+    assert tiles_loss("auto", tokens_per_micro_batch=1766, vocab_size=152_064)
+    assert not tiles_loss("auto", tokens_per_micro_batch=1765, vocab_size=152_064)
+    with pytest.raises(ValueError, match="train.tiled_loss='sometimes'"):
+        tiles_loss("sometimes", tokens_per_micro_batch=1, vocab_size=1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ds_configs.memory import TILED_AUTO_MIN_BYTES
 from finetune import tiled_loss
 
 
@@ -107,7 +108,7 @@ def test_install_only_where_it_is_right(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     vocab = model.config.vocab_size
     assert tiled_loss.install(model, mode="never", tokens_per_micro_batch=10**9) is None
-    small = tiled_loss.AUTO_MIN_BYTES // (4 * vocab)
+    small = TILED_AUTO_MIN_BYTES // (4 * vocab)
     assert tiled_loss.install(model, mode="auto", tokens_per_micro_batch=small) is None  # no memory to save
     assert tiled_loss.install(copy.deepcopy(model), mode="auto", tokens_per_micro_batch=small + 1) is not None
     capped = copy.deepcopy(model)
