@@ -100,13 +100,9 @@ CASES = [
         3,
         ["train.lr=3e-3", "zero.offload_optimizer=nvme", "zero.offload_params=nvme", "zero.nvme_path={tmp}/nvme"],
         1.0,
-        # ZeRO-Infinity; skipped where DeepSpeed's async_io op cannot build (no libaio-dev). With NVMe parameter
-        # offload every gathered module is swapped through the file system: 426 s in CI on the 2-core machine
-        # (2026-12-04, the one-off async_io compile included; 492 s at the session's first commit, so not a
-        # regression), a third of the suite, hence `slow`. `make test` keeps NVMe covered by
-        # tests/unit/ds_configs/test_presets_launch.py, which steps the zero3_nvme preset on 2 ranks.
+        # ZeRO-Infinity; skipped where DeepSpeed's async_io op cannot build (no libaio-dev). ~22 s, plus a one-off
+        # ~3 min compile of async_io in a new virtualenv (torch rebuilds JIT ops when the venv path changes).
         id="full-zero3-nvme",
-        marks=pytest.mark.slow,
     ),
 ]
 
