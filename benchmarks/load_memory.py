@@ -49,7 +49,8 @@ def build(out: Path) -> int:
     return sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
-def _rss_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
+    """A KiB field of /proc/self/status (VmRSS, VmHWM); long_context_memory reads it too."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -77,9 +78,9 @@ def child(model_dir: str, method: str, stage: int, out: str) -> None:
         "bf16": {"enabled": True},
     }
     torch.set_num_threads(1)
-    before = _rss_kib("VmRSS")
+    before = proc_status_kib("VmRSS")
     model = load_model(cfg, ds_config, "bf16", "sdpa")
-    peak = _rss_kib("VmHWM") - before
+    peak = proc_status_kib("VmHWM") - before
     Path(out, f"rank{dist.rank()}.json").write_text(json.dumps({"rank": dist.rank(), "peak_bytes": peak * 1024}))
     del model
     dist.destroy()

@@ -20,17 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.load_memory import proc_status_kib
+
 VOCAB = 152_064
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 SEQS = (2048, 4096, 8192, 16384)
 BUDGET_GIB = 8.0  # the fixed budget of the "longest that fits" column
-
-
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def child(seq: int, mode: str) -> dict:
@@ -61,10 +56,10 @@ def child(seq: int, mode: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _kib("VmRSS") * 1024
+        base = proc_status_kib("VmRSS") * 1024
     loss = summed_loss(Engine(), {"input_ids": ids, "labels": ids}, head)
     loss.backward()
-    peak = (torch.cuda.max_memory_allocated() if cuda else _kib("VmHWM") * 1024) - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else proc_status_kib("VmHWM") * 1024) - base
     return {"peak_bytes": int(peak), "loss": float(loss) / (seq - 1)}
 
 

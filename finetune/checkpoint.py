@@ -608,10 +608,14 @@ def load_checkpoint(
     return client_state
 
 
-def _param_groups(engine: Any) -> list[dict]:
-    """The torch optimizer's param groups under DeepSpeed's ZeRO/bf16 wrapper (or without one)."""
+def _base_optimizer(engine: Any) -> Any:
+    """The torch optimizer under DeepSpeed's ZeRO/bf16 wrapper (or the bare one, or None)."""
     opt = getattr(engine, "optimizer", None)
-    return list(getattr(getattr(opt, "optimizer", opt), "param_groups", None) or [])
+    return getattr(opt, "optimizer", opt)
+
+
+def _param_groups(engine: Any) -> list[dict]:
+    return list(getattr(_base_optimizer(engine), "param_groups", None) or [])
 
 
 def _group_weight_decay(engine: Any) -> list[float]:
@@ -636,8 +640,7 @@ def _repair_universal_optimizer(engine: Any, decay: list[float]) -> None:
     if len(groups) == len(decay):
         for group, wd in zip(groups, decay, strict=True):
             group["weight_decay"] = wd
-    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for state in getattr(opt, "state", {}).values():
+    for state in getattr(_base_optimizer(engine), "state", {}).values():
         if isinstance(state.get("step"), torch.Tensor):
             state["step"] = state["step"].clone()
 
